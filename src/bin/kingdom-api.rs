@@ -1,0 +1,47 @@
+//! `kingdom-api`: the stateless API sidecar.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kingdom_edge::config::units::parse_size;
+use kingdom_edge::sidecar::{self, api, Faults, SidecarArgs};
+
+#[derive(Parser)]
+#[command(name = "kingdom-api", version, about = "Kingdom Studios API service")]
+struct Cli {
+    #[command(flatten)]
+    common: SidecarArgs,
+    /// Environment variable holding the token-signing secret (at least 16 bytes).
+    #[arg(long, default_value = "KINGDOM_API_SECRET")]
+    secret_env: String,
+    /// Largest accepted request body.
+    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    max_body: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    sidecar::init_tracing();
+    let cli = Cli::parse();
+    let secret = std::env::var(&cli.secret_env).unwrap_or_default();
+    let service = match api::ApiService::new(secret.as_bytes()) {
+        Ok(service) => service,
+        Err(e) => {
+            eprintln!("kingdom-api: ${}: {e}", cli.secret_env);
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = sidecar::finish(
+        api::routes(service),
+        &cli.common.listen.to_string(),
+        Faults::from(&cli.common),
+    )
+    .layer(axum::extract::DefaultBodyLimit::max(cli.max_body as usize));
+    match sidecar::serve(&cli.common, app).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kingdom-api: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! `kingdom-content`: the content-generation sidecar.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use kingdom_edge::config::units::{parse_duration, parse_size};
+use kingdom_edge::sidecar::{self, content, Faults, SidecarArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "kingdom-content",
+    version,
+    about = "Kingdom Studios content-generation service"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: SidecarArgs,
+    /// Simulated model time of one generation.
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    generate_latency: Duration,
+    /// Largest accepted request body.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    max_body: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    sidecar::init_tracing();
+    let cli = Cli::parse();
+    let service = content::ContentService::new(cli.generate_latency);
+    let app = sidecar::finish(
+        content::routes(service),
+        &cli.common.listen.to_string(),
+        Faults::from(&cli.common),
+    )
+    .layer(axum::extract::DefaultBodyLimit::max(cli.max_body as usize));
+    match sidecar::serve(&cli.common, app).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kingdom-content: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

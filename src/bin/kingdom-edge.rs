@@ -1,0 +1,106 @@
+//! `kingdom-edge`: run the proxy, or check a config file.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kingdom_edge::config::ConfigError;
+use kingdom_edge::server::{self, StartError};
+
+#[derive(Parser)]
+#[command(
+    name = "kingdom-edge",
+    version,
+    about = "Kingdom Studios edge proxy and load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file.
+    #[arg(short, long, global = true, default_value = "conf/edge.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config file: print a summary and exit 0, or every error and exit 1.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&cli.config),
+        Command::Run => {
+            init_tracing();
+            match server::run(&cli.config) {
+                Ok(never) => match never {},
+                Err(StartError::Config(errors)) => {
+                    print_errors(&cli.config, &errors);
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("kingdom-edge: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match server::check(path) {
+        Ok(s) => {
+            let backends: usize = s.pools.iter().map(|p| p.backends.len()).sum();
+            let processes: usize = s.sidecars.iter().map(|s| s.addresses.len()).sum();
+            println!("{}: ok (digest {})", path.display(), s.digest);
+            for l in &s.listeners {
+                let kind = match &l.tls {
+                    Some(t) if t.http2 => "https, h2",
+                    Some(_) => "https",
+                    None => "http",
+                };
+                println!("  listener {} on {} ({kind})", l.name, l.address);
+            }
+            match &s.admin {
+                Some(a) => println!("  admin on {}", a.address),
+                None => println!("  no admin listener"),
+            }
+            println!(
+                "  {} pools, {backends} backends; {} routes; {} sidecars, {processes} processes",
+                s.pools.len(),
+                s.router.routes().len(),
+                s.sidecars.len(),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_errors(path, &errors);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_errors(path: &Path, errors: &[ConfigError]) {
+    for e in errors {
+        let at = e.line.map(|l| format!(":{l}")).unwrap_or_default();
+        let yaml_path = if e.path.is_empty() {
+            String::new()
+        } else {
+            format!(" {}:", e.path)
+        };
+        eprintln!("{}{at}:{yaml_path} {}", path.display(), e.message);
+    }
+    eprintln!("{}: {} error(s)", path.display(), errors.len());
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

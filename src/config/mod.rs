@@ -1,0 +1,134 @@
+//! The YAML config: parse (`raw`), locate (`lines`), compile into an immutable [`Snapshot`].
+//!
+//! Errors name the YAML path and, where known, the line:
+//! `pools.content.timeouts.connect: must be > 0 (got 0s)`.
+
+pub mod lines;
+pub mod raw;
+pub mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::metrics::Metrics;
+use crate::snapshot::{self, Snapshot};
+
+use lines::LineIndex;
+use raw::RawConfig;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// YAML path such as `routes[2].pool`; empty for whole-file problems.
+    pub path: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong, with the offending value.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Collects every error of a compile pass, so `check` can show them all at once.
+#[derive(Debug, Default)]
+pub struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    /// Records a problem at `path`.
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            line: None,
+            message: message.into(),
+        });
+    }
+
+    /// How many errors so far; compare before and after a step to see if it failed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when nothing went wrong.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Parses `ip:port`, recording an error at `path` if it is not one.
+    pub fn address(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.push(
+                    path,
+                    format!("`{text}` is not an address like 127.0.0.1:8080 or [::1]:8080"),
+                );
+                None
+            }
+        }
+    }
+
+    fn into_located(self, index: &LineIndex) -> Vec<ConfigError> {
+        self.0
+            .into_iter()
+            .map(|mut e| {
+                e.line = e.line.or_else(|| index.line(&e.path));
+                e
+            })
+            .collect()
+    }
+}
+
+/// Reads and compiles a config file.
+pub fn load(path: &Path, metrics: &Metrics) -> Result<Snapshot, Vec<ConfigError>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            path: String::new(),
+            line: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        }]
+    })?;
+    parse(&text, metrics)
+}
+
+/// Parses and compiles config text.
+pub fn parse(text: &str, metrics: &Metrics) -> Result<Snapshot, Vec<ConfigError>> {
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| vec![from_serde(&e)])?;
+    let mut errors = Errors::default();
+    let snapshot = snapshot::compile(&raw, text, metrics, &mut errors);
+    match snapshot {
+        Some(snapshot) if errors.is_empty() => Ok(snapshot),
+        _ => Err(errors.into_located(&LineIndex::new(text))),
+    }
+}
+
+/// serde_yaml puts the path first and the position last: `a.b: message at line 3 column 5`.
+fn from_serde(e: &serde_yaml::Error) -> ConfigError {
+    let text = e.to_string();
+    let text = match text.rfind(" at line ") {
+        Some(cut) if e.location().is_some() => &text[..cut],
+        _ => &text,
+    };
+    let (path, message) = match text.split_once(": ") {
+        Some((path, message)) if !path.contains(' ') => (path.to_string(), message.to_string()),
+        _ => (String::new(), text.to_string()),
+    };
+    ConfigError {
+        path,
+        line: e.location().map(|l| l.line()),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests;

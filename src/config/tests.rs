@@ -1,0 +1,143 @@
+//! Golden tests: the shipped files compile; broken files give exact errors with path and line.
+
+use super::*;
+
+const MINIMAL: &str = "\
+listeners: [{ name: public, address: 127.0.0.1:8080 }]
+pools:
+  api:
+    backends: [{ address: 127.0.0.1:9201 }]
+routes:
+  - { name: api, match: { path_prefix: /v1 }, pool: api }
+";
+
+fn errors(text: &str) -> Vec<String> {
+    match parse(text, &Metrics::new()) {
+        Ok(_) => vec![],
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn shipped_configs_compile() {
+    for file in ["conf/edge.yaml", "conf/production.yaml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        if let Err(errors) = load(&path, &Metrics::new()) {
+            panic!("{file}: {errors:?}");
+        }
+    }
+}
+
+#[test]
+fn default_config_matches_the_documented_layout() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
+    let snapshot = load(&path, &Metrics::new()).unwrap();
+    assert_eq!(snapshot.listeners[0].address.to_string(), "127.0.0.1:8080");
+    assert_eq!(
+        snapshot.admin.as_ref().unwrap().address.to_string(),
+        "127.0.0.1:9090"
+    );
+    let api = snapshot.pools.iter().find(|p| p.name == "api").unwrap();
+    let weights: Vec<u32> = api.backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [3, 1]);
+}
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let snapshot = parse(MINIMAL, &Metrics::new()).unwrap();
+    assert_eq!(snapshot.server.threads, 2);
+    assert_eq!(snapshot.server.shutdown_timeout.as_secs(), 30);
+    assert!(snapshot.admin.is_none());
+    assert_eq!(
+        snapshot.access_log,
+        crate::snapshot::AccessLogOutput::Stdout
+    );
+    let pool = &snapshot.pools[0];
+    assert_eq!(pool.balance, "weighted_round_robin");
+    assert_eq!(pool.timeouts.connect.as_secs(), 1);
+    assert_eq!(pool.timeouts.read.as_secs(), 30);
+}
+
+#[test]
+fn broken_files_give_exact_errors() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown key",
+            "pools:\n  api:\n    backends: [{ address: 127.0.0.1:9201 }]\n    colour: blue\n",
+            &["line 4: pools.api: unknown field `colour`, expected one of `balance`, `backends`, `timeouts`"],
+        ),
+        (
+            "bad duration",
+            "listeners: []\npools:\n  api:\n    backends: [{ address: 127.0.0.1:1 }]\n    timeouts: { connect: 5 }\nroutes: []\n",
+            &["line 5: pools.api.timeouts.connect: `5` needs a unit: ms, s, m or h (e.g. 250ms, 2s)"],
+        ),
+        (
+            "unknown balancer",
+            "listeners: []\npools:\n  api:\n    balance: random\n    backends: []\nroutes: []\n",
+            &["line 4: pools.api.balance: unknown variant `random`, expected `weighted_round_robin`"],
+        ),
+        (
+            "yaml syntax",
+            "listeners: [\n",
+            &["line 2: did not find expected node content"],
+        ),
+        (
+            "semantic errors, all of them",
+            "\
+server:
+  threads: 0
+  shutdown_timeout: 10s
+  trusted_proxies: [10.0.0.0/33]
+listeners:
+  - { name: public, address: 127.0.0.1:8080 }
+  - { name: public, address: 0.0.0.0:8080 }
+admin: { address: localhost:9090 }
+sidecars:
+  - { name: api, command: kingdom-api, addresses: [127.0.0.1:9201, 127.0.0.1:9201] }
+pools:
+  api:
+    backends:
+      - { address: 127.0.0.1:9201, weight: 3 }
+      - { address: 127.0.0.1:9201 }
+      - { address: 127.0.0.1:9202, weight: 0 }
+    timeouts: { connect: 0s }
+routes:
+  - { name: api, match: { path_prefix: v1 }, pool: api }
+  - { name: api, match: { methods: [get] }, pool: missing }
+",
+            &[
+                "line 2: server.threads: must be between 1 and 256 (got 0)",
+                "line 4: server.trusted_proxies[0]: `10.0.0.0/33` is not an IP address or CIDR range",
+                "line 7: listeners[1].name: duplicate listener name `public`",
+                "line 7: listeners[1].address: 0.0.0.0:8080 conflicts with 127.0.0.1:8080 at listeners[0].address",
+                "line 8: admin.address: `localhost:9090` is not an address like 127.0.0.1:8080 or [::1]:8080",
+                "line 10: sidecars[0].addresses[1]: 127.0.0.1:9201 conflicts with 127.0.0.1:9201 at sidecars[0].addresses[0]",
+                "line 15: pools.api.backends[1].address: duplicate backend 127.0.0.1:9201 in pool `api`",
+                "line 16: pools.api.backends[2].weight: must be between 1 and 1000 (got 0)",
+                "line 17: pools.api.timeouts.connect: must be > 0 (got 0s)",
+                "line 19: routes[0].match.path_prefix: must start with `/` (got `v1`)",
+                "line 20: routes[1].name: duplicate route name `api`",
+                "line 20: routes[1].match.methods[0]: `get` is not an upper-case HTTP method",
+                "line 20: routes[1].pool: no pool named `missing` under `pools:`",
+            ],
+        ),
+        (
+            "empty sections",
+            "listeners: []\npools: {}\nroutes: []\n",
+            &[
+                "line 1: listeners: at least one listener is needed",
+                "line 2: pools: at least one pool is needed",
+                "line 3: routes: at least one route is needed",
+            ],
+        ),
+    ];
+    for (name, text, want) in cases {
+        let got = errors(text);
+        assert_eq!(got, *want, "case: {name}");
+    }
+}
+
+#[test]
+fn a_valid_file_has_no_errors() {
+    assert_eq!(errors(MINIMAL), Vec::<String>::new());
+}

@@ -1,0 +1,133 @@
+//! Why the proxy answered a request itself, and how that becomes a status and a JSON body.
+//! The body carries the request id and never internal details.
+
+use bytes::Bytes;
+use pingora::{Error, ErrorSource, ErrorType};
+
+/// A request the proxy answers on its own instead of forwarding (or after forwarding failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// Malformed or unsafe request framing, path or headers.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// No route matches host, path and method.
+    #[error("no route matches this request")]
+    NoRoute,
+    /// The pool has no backend that can take the request.
+    #[error("no upstream backend is available")]
+    NoBackend,
+    /// The upstream could not be reached or broke the exchange.
+    #[error("the upstream failed to answer")]
+    UpstreamFailed,
+    /// Connecting to or reading from the upstream took too long.
+    #[error("the upstream timed out")]
+    UpstreamTimeout,
+    /// A bug or resource problem inside the proxy.
+    #[error("internal proxy error")]
+    Internal,
+}
+
+impl Rejection {
+    /// The HTTP status sent to the client.
+    pub fn status(self) -> u16 {
+        match self {
+            Rejection::BadRequest(_) => 400,
+            Rejection::NoRoute => 404,
+            Rejection::NoBackend | Rejection::UpstreamFailed => 502,
+            Rejection::UpstreamTimeout => 504,
+            Rejection::Internal => 500,
+        }
+    }
+
+    /// A stable machine-readable code for the body and the access log.
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::BadRequest(_) => "bad_request",
+            Rejection::NoRoute => "no_route",
+            Rejection::NoBackend => "no_backend",
+            Rejection::UpstreamFailed => "upstream_error",
+            Rejection::UpstreamTimeout => "upstream_timeout",
+            Rejection::Internal => "internal_error",
+        }
+    }
+
+    /// `{"error":"no_route","message":"…","request_id":"…"}`.
+    pub fn body(self, request_id: &str) -> Bytes {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.to_string(),
+            "request_id": request_id,
+        });
+        Bytes::from(body.to_string())
+    }
+
+    /// Classifies a Pingora error. `None` means the client connection is gone and nothing can
+    /// be sent.
+    pub fn from_error(e: &Error) -> Option<Rejection> {
+        use ErrorType::*;
+        match e.etype() {
+            ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                Some(Rejection::UpstreamTimeout)
+            }
+            HTTPStatus(504) => Some(Rejection::UpstreamTimeout),
+            HTTPStatus(502) => Some(Rejection::UpstreamFailed),
+            HTTPStatus(404) => Some(Rejection::NoRoute),
+            HTTPStatus(code) if (400..500).contains(code) => {
+                Some(Rejection::BadRequest("the request is malformed"))
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => Some(Rejection::UpstreamFailed),
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => None,
+                    _ => Some(Rejection::BadRequest("the request is malformed")),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => Some(Rejection::Internal),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_pingora_errors() {
+        let upstream = |t| {
+            let mut e = Error::new(t);
+            e.as_up();
+            e
+        };
+        let downstream = |t| {
+            let mut e = Error::new(t);
+            e.as_down();
+            e
+        };
+        let cases = [
+            (upstream(ErrorType::ConnectTimedout), Some(504)),
+            (upstream(ErrorType::ReadTimedout), Some(504)),
+            (upstream(ErrorType::ConnectRefused), Some(502)),
+            (upstream(ErrorType::ConnectionClosed), Some(502)),
+            (downstream(ErrorType::ConnectionClosed), None),
+            (downstream(ErrorType::InvalidHTTPHeader), Some(400)),
+            (Error::new(ErrorType::InternalError), Some(500)),
+        ];
+        for (e, want) in cases {
+            assert_eq!(
+                Rejection::from_error(&e).map(Rejection::status),
+                want,
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_names_code_and_request_id() {
+        let body = Rejection::NoRoute.body("abc");
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"], "no_route");
+        assert_eq!(json["request_id"], "abc");
+    }
+}

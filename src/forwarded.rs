@@ -1,0 +1,139 @@
+//! Who the client is and what the upstream is told about it: `X-Forwarded-For`, `-Proto`,
+//! `-Host`. Incoming forwarding headers are believed only from `server.trusted_proxies`.
+
+use std::net::IpAddr;
+
+use crate::snapshot::ServerSettings;
+
+/// The client as the proxy understands it, and the forwarding headers to send upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The original client: the peer, or, behind trusted proxies, the nearest untrusted hop.
+    pub client_ip: IpAddr,
+    /// `X-Forwarded-For` for the upstream: the trusted chain plus the peer.
+    pub for_chain: String,
+    /// `X-Forwarded-Proto` for the upstream.
+    pub proto: String,
+    /// `X-Forwarded-Host` for the upstream, if the request named a host.
+    pub host: Option<String>,
+}
+
+/// What the request said, as far as forwarding is concerned.
+pub struct Incoming<'a> {
+    /// The TCP peer.
+    pub peer: IpAddr,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+    /// `Host` (or `:authority`).
+    pub host: Option<&'a str>,
+    /// Incoming `X-Forwarded-For`, all values joined by commas.
+    pub xff: Option<&'a str>,
+    /// Incoming `X-Forwarded-Proto`.
+    pub proto: Option<&'a str>,
+    /// Incoming `X-Forwarded-Host`.
+    pub forwarded_host: Option<&'a str>,
+}
+
+/// Decides the client address and forwarding headers.
+pub fn resolve(req: &Incoming<'_>, server: &ServerSettings) -> Forwarded {
+    let own_proto = if req.tls { "https" } else { "http" };
+    if !server.is_trusted(req.peer) {
+        return Forwarded {
+            client_ip: req.peer,
+            for_chain: req.peer.to_string(),
+            proto: own_proto.to_string(),
+            host: req.host.map(str::to_string),
+        };
+    }
+    // Walk the chain from the nearest hop; the first address we do not trust is the client.
+    let hops: Vec<&str> = req
+        .xff
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let parsed: Option<Vec<IpAddr>> = hops.iter().map(|h| h.parse().ok()).collect();
+    let client_ip = match parsed {
+        Some(ips) => ips
+            .iter()
+            .rev()
+            .find(|ip| !server.is_trusted(**ip))
+            .or(ips.first())
+            .copied()
+            .unwrap_or(req.peer),
+        // A garbled chain from a trusted proxy: do not guess, use the peer.
+        None => req.peer,
+    };
+    let mut for_chain = hops.join(", ");
+    if !for_chain.is_empty() {
+        for_chain.push_str(", ");
+    }
+    for_chain.push_str(&req.peer.to_string());
+    Forwarded {
+        client_ip,
+        for_chain,
+        proto: match req.proto {
+            Some(p @ ("http" | "https")) => p.to_string(),
+            _ => own_proto.to_string(),
+        },
+        host: req.forwarded_host.or(req.host).map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn server() -> ServerSettings {
+        ServerSettings {
+            threads: 1,
+            shutdown_timeout: Duration::from_secs(1),
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+        }
+    }
+
+    fn incoming<'a>(peer: &str, xff: Option<&'a str>) -> Incoming<'a> {
+        Incoming {
+            peer: peer.parse().unwrap(),
+            tls: false,
+            host: Some("edge.example"),
+            xff,
+            proto: Some("https"),
+            forwarded_host: Some("public.example"),
+        }
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof() {
+        let f = resolve(&incoming("203.0.113.9", Some("1.2.3.4")), &server());
+        assert_eq!(f.client_ip.to_string(), "203.0.113.9");
+        assert_eq!(f.for_chain, "203.0.113.9");
+        assert_eq!(f.proto, "http");
+        assert_eq!(f.host.as_deref(), Some("edge.example"));
+    }
+
+    #[test]
+    fn trusted_peer_extends_the_chain() {
+        let f = resolve(
+            &incoming("10.0.0.2", Some("198.51.100.7, 10.0.0.1")),
+            &server(),
+        );
+        assert_eq!(f.client_ip.to_string(), "198.51.100.7");
+        assert_eq!(f.for_chain, "198.51.100.7, 10.0.0.1, 10.0.0.2");
+        assert_eq!(f.proto, "https");
+        assert_eq!(f.host.as_deref(), Some("public.example"));
+    }
+
+    #[test]
+    fn trusted_peer_without_or_with_garbled_chain() {
+        let f = resolve(&incoming("10.0.0.2", None), &server());
+        assert_eq!(f.client_ip.to_string(), "10.0.0.2");
+        assert_eq!(f.for_chain, "10.0.0.2");
+        let f = resolve(&incoming("10.0.0.2", Some("not-an-ip")), &server());
+        assert_eq!(f.client_ip.to_string(), "10.0.0.2");
+    }
+}

@@ -1,0 +1,19 @@
+//! kingdom-edge: the Kingdom Studios edge proxy on Pingora, and the sidecar services it fronts.
+
+pub mod access_log;
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod errors;
+pub mod forwarded;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod request_id;
+pub mod route;
+pub mod server;
+pub mod shutdown;
+pub mod sidecar;
+pub mod snapshot;
+pub mod supervisor;
+pub mod tls;

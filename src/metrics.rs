@@ -1,0 +1,237 @@
+//! Prometheus metrics. Families live here; per-route and per-backend handles are resolved once
+//! when a snapshot is compiled, so the request path never looks a label up by string.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric family the proxy exports, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream: IntCounterVec,
+    /// Requests being processed right now, across all listeners.
+    pub in_flight: IntGauge,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
+    sidecar_restarts: IntCounterVec,
+}
+
+/// Route label used for requests that matched no route (or were rejected before routing).
+pub const NO_ROUTE: &str = "-";
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "kingdom_edge_requests_total",
+                "Requests answered, by route and status.",
+            ),
+            &["route", "code"],
+        )
+        .expect("static metric definition");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "kingdom_edge_request_duration_seconds",
+                "Time from request header to the end of the response, by route.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let upstream = IntCounterVec::new(
+            Opts::new(
+                "kingdom_edge_upstream_requests_total",
+                "Upstream attempts, by pool, backend and outcome.",
+            ),
+            &["pool", "backend", "outcome"],
+        )
+        .expect("static metric definition");
+        let in_flight = IntGauge::new("kingdom_edge_in_flight", "Requests in progress.")
+            .expect("static metric definition");
+        let access_log_dropped = IntCounter::new(
+            "kingdom_edge_access_log_dropped_total",
+            "Access-log lines dropped because the writer could not keep up.",
+        )
+        .expect("static metric definition");
+        let sidecar_restarts = IntCounterVec::new(
+            Opts::new(
+                "kingdom_edge_sidecar_restarts_total",
+                "Sidecar processes restarted after exiting.",
+            ),
+            &["sidecar", "address"],
+        )
+        .expect("static metric definition");
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(upstream.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(access_log_dropped.clone()),
+            Box::new(sidecar_restarts.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            duration,
+            upstream,
+            in_flight,
+            access_log_dropped,
+            sidecar_restarts,
+        }
+    }
+
+    /// Handles for one route (or for [`NO_ROUTE`]).
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            family: self.requests.clone(),
+            route: route.to_string(),
+            codes: (0..CODES).map(|_| OnceLock::new()).collect(),
+            duration: self.duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Handles for one backend of one pool.
+    pub fn backend(&self, pool: &str, backend: &str) -> BackendMetrics {
+        let counter = |outcome: &str| self.upstream.with_label_values(&[pool, backend, outcome]);
+        BackendMetrics {
+            ok: counter("ok"),
+            http_5xx: counter("http_5xx"),
+            connect_error: counter("connect_error"),
+            timeout: counter("timeout"),
+            error: counter("error"),
+        }
+    }
+
+    /// The restart counter of one sidecar process.
+    pub fn sidecar_restarts(&self, sidecar: &str, address: &str) -> IntCounter {
+        self.sidecar_restarts.with_label_values(&[sidecar, address])
+    }
+
+    /// Everything in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on invalid metric names, which are static here.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Status codes 100..=599 get a lazily created counter each.
+const CODES: usize = 500;
+
+/// Per-route handles: a counter per status code, created on first use, and the latency histogram.
+pub struct RouteMetrics {
+    family: IntCounterVec,
+    route: String,
+    codes: Box<[OnceLock<IntCounter>]>,
+    duration: prometheus::Histogram,
+}
+
+impl RouteMetrics {
+    /// Counts one answered request and its duration.
+    pub fn observe(&self, status: u16, seconds: f64) {
+        self.duration.observe(seconds);
+        let Some(slot) = (status as usize)
+            .checked_sub(100)
+            .and_then(|i| self.codes.get(i))
+        else {
+            return;
+        };
+        slot.get_or_init(|| {
+            self.family
+                .with_label_values(&[self.route.as_str(), &status.to_string()])
+        })
+        .inc();
+    }
+}
+
+/// The outcome of one upstream attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response below 500.
+    Ok,
+    /// A 5xx response.
+    Http5xx,
+    /// The connection could not be established.
+    ConnectError,
+    /// Connect, read or write timed out.
+    Timeout,
+    /// Any other failure after connecting (reset, protocol error).
+    Error,
+}
+
+impl Outcome {
+    /// The label value used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Http5xx => "http_5xx",
+            Outcome::ConnectError => "connect_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Per-backend upstream outcome counters.
+pub struct BackendMetrics {
+    ok: IntCounter,
+    http_5xx: IntCounter,
+    connect_error: IntCounter,
+    timeout: IntCounter,
+    error: IntCounter,
+}
+
+impl BackendMetrics {
+    /// Counts one attempt.
+    pub fn record(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Ok => &self.ok,
+            Outcome::Http5xx => &self.http_5xx,
+            Outcome::ConnectError => &self.connect_error,
+            Outcome::Timeout => &self.timeout,
+            Outcome::Error => &self.error,
+        }
+        .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_counters_render_with_labels() {
+        let metrics = Metrics::new();
+        let route = metrics.route("api");
+        route.observe(200, 0.01);
+        route.observe(200, 0.02);
+        route.observe(404, 0.01);
+        route.observe(42, 0.01); // out of range: only the histogram counts it
+        let text = metrics.render();
+        assert!(text.contains(r#"kingdom_edge_requests_total{code="200",route="api"} 2"#));
+        assert!(text.contains(r#"kingdom_edge_requests_total{code="404",route="api"} 1"#));
+        assert!(text.contains(r#"kingdom_edge_request_duration_seconds_count{route="api"} 4"#));
+    }
+}

@@ -1,0 +1,299 @@
+//! Routing: host + longest path prefix (+ methods) → route, compiled from `routes:`.
+//!
+//! Among the routes whose host, prefix and methods all match, the most specific host wins
+//! (exact, then wildcard, then any), then the longest prefix, then the first declared.
+//! Prefixes match whole path segments: `/v1` matches `/v1` and `/v1/x`, not `/v1beta`.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::raw::RawRoute;
+use crate::config::Errors;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::pool::Pool;
+
+/// One compiled route.
+pub struct Route {
+    /// `routes[].name`, used as the metrics label and in logs.
+    pub name: String,
+    /// The host rule, for status output.
+    pub host: HostMatch,
+    /// Always starts with `/`.
+    pub path_prefix: String,
+    /// Empty means any method.
+    pub methods: Vec<Method>,
+    /// Where matching requests go.
+    pub pool: Arc<Pool>,
+    /// Request counters for this route.
+    pub metrics: RouteMetrics,
+}
+
+/// How a route matches the request host (compared without port, case-insensitively).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Any host.
+    Any,
+    /// `*.example.com`: any name ending in `.example.com` (stored as `.example.com`).
+    Suffix(String),
+    /// Exactly this name.
+    Exact(String),
+}
+
+impl HostMatch {
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(name) => host.eq_ignore_ascii_case(name),
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host.as_bytes()[host.len() - suffix.len()..]
+                        .eq_ignore_ascii_case(suffix.as_bytes())
+            }
+        }
+    }
+
+    fn rank(&self) -> u8 {
+        match self {
+            HostMatch::Any => 0,
+            HostMatch::Suffix(_) => 1,
+            HostMatch::Exact(_) => 2,
+        }
+    }
+
+    /// The rule as written in the config.
+    pub fn to_config_string(&self) -> String {
+        match self {
+            HostMatch::Any => "*".to_string(),
+            HostMatch::Suffix(suffix) => format!("*{suffix}"),
+            HostMatch::Exact(name) => name.clone(),
+        }
+    }
+}
+
+/// Every route, ordered so the first match is the best one.
+pub struct Router {
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    /// The best route for this request, if any.
+    pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> Option<&Arc<Route>> {
+        let host = host.map(strip_port).unwrap_or("");
+        self.routes.iter().find(|route| {
+            route.host.matches(host)
+                && prefix_matches(&route.path_prefix, path)
+                && (route.methods.is_empty() || route.methods.contains(method))
+        })
+    }
+
+    /// Routes in match order.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h)
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+/// Compiles `routes:`. `pools` are the pools that compiled; `declared` names every pool in
+/// the file, so a route to a pool that failed to compile is not reported a second time.
+pub fn compile(
+    raw: &[RawRoute],
+    pools: &[Arc<Pool>],
+    declared: &[&str],
+    metrics: &Metrics,
+    errors: &mut Errors,
+) -> Router {
+    let mut routes: Vec<(usize, Arc<Route>)> = Vec::with_capacity(raw.len());
+    let mut names: Vec<&str> = Vec::new();
+    for (i, route) in raw.iter().enumerate() {
+        let at = format!("routes[{i}]");
+        let start = errors.len();
+        if route.name.is_empty() {
+            errors.push(format!("{at}.name"), "must not be empty");
+        } else if names.contains(&route.name.as_str()) {
+            errors.push(
+                format!("{at}.name"),
+                format!("duplicate route name `{}`", route.name),
+            );
+        }
+        names.push(&route.name);
+
+        let host = match route.matcher.host.as_deref() {
+            None | Some("*") => HostMatch::Any,
+            Some(host) => match host.strip_prefix('*') {
+                Some(suffix) if suffix.starts_with('.') && valid_host(&suffix[1..]) => {
+                    HostMatch::Suffix(suffix.to_ascii_lowercase())
+                }
+                None if valid_host(host) => HostMatch::Exact(host.to_ascii_lowercase()),
+                _ => {
+                    errors.push(
+                        format!("{at}.match.host"),
+                        format!("`{host}` is not a host name or `*.domain` wildcard"),
+                    );
+                    HostMatch::Any
+                }
+            },
+        };
+
+        let path_prefix = route
+            .matcher
+            .path_prefix
+            .clone()
+            .unwrap_or_else(|| "/".to_string());
+        if !path_prefix.starts_with('/') {
+            errors.push(
+                format!("{at}.match.path_prefix"),
+                format!("must start with `/` (got `{path_prefix}`)"),
+            );
+        }
+
+        let mut methods = Vec::new();
+        for (j, method) in route.matcher.methods.iter().flatten().enumerate() {
+            match Method::from_bytes(method.as_bytes()) {
+                Ok(m) if method.bytes().all(|b| b.is_ascii_uppercase()) => methods.push(m),
+                _ => errors.push(
+                    format!("{at}.match.methods[{j}]"),
+                    format!("`{method}` is not an upper-case HTTP method"),
+                ),
+            }
+        }
+
+        let pool = pools.iter().find(|p| p.name == route.pool);
+        if pool.is_none() && !declared.contains(&route.pool.as_str()) {
+            errors.push(
+                format!("{at}.pool"),
+                format!("no pool named `{}` under `pools:`", route.pool),
+            );
+        }
+        let (Some(pool), true) = (pool, errors.len() == start) else {
+            continue;
+        };
+        routes.push((
+            i,
+            Arc::new(Route {
+                name: route.name.clone(),
+                host,
+                path_prefix,
+                methods,
+                pool: pool.clone(),
+                metrics: metrics.route(&route.name),
+            }),
+        ));
+    }
+    routes.sort_by(|(ia, a), (ib, b)| {
+        b.host
+            .rank()
+            .cmp(&a.host.rank())
+            .then(b.path_prefix.len().cmp(&a.path_prefix.len()))
+            .then(ia.cmp(ib))
+    });
+    Router {
+        routes: routes.into_iter().map(|(_, r)| r).collect(),
+    }
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::raw::RawConfig;
+
+    fn router(yaml_routes: &str) -> Router {
+        let yaml = format!(
+            "listeners: []\npools:\n  a: {{ backends: [{{ address: 127.0.0.1:1 }}] }}\n  b: {{ backends: [{{ address: 127.0.0.1:2 }}] }}\nroutes:\n{yaml_routes}"
+        );
+        let raw: RawConfig = serde_yaml::from_str(&yaml).unwrap();
+        let metrics = Metrics::new();
+        let mut errors = Errors::default();
+        let pools: Vec<Arc<Pool>> = raw
+            .pools
+            .iter()
+            .map(|(name, p)| {
+                Arc::new(crate::pool::compile(name, p, "pools", &metrics, &mut errors).unwrap())
+            })
+            .collect();
+        let router = compile(&raw.routes, &pools, &["a", "b"], &metrics, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        router
+    }
+
+    #[test]
+    fn picks_host_then_longest_prefix_then_methods() {
+        let r = router(
+            r#"
+  - { name: gen, match: { path_prefix: /v1/content/generate, methods: [POST] }, pool: a }
+  - { name: content, match: { path_prefix: /v1/content }, pool: a }
+  - { name: api, match: { path_prefix: /v1 }, pool: b }
+  - { name: admin-host, match: { host: admin.example.com, path_prefix: / }, pool: b }
+  - { name: wild, match: { host: "*.example.com", path_prefix: /v1 }, pool: b }
+"#,
+        );
+        let cases = [
+            (None, "/v1/content/generate", Method::POST, Some("gen")),
+            (None, "/v1/content/generate", Method::GET, Some("content")),
+            (None, "/v1/content", Method::GET, Some("content")),
+            (None, "/v1/contentx", Method::GET, Some("api")),
+            (None, "/v1beta", Method::GET, None),
+            (None, "/v1", Method::GET, Some("api")),
+            (None, "/", Method::GET, None),
+            (
+                Some("ADMIN.example.com:8080"),
+                "/v1/x",
+                Method::GET,
+                Some("admin-host"),
+            ),
+            (
+                Some("shop.example.com"),
+                "/v1/content",
+                Method::GET,
+                Some("wild"),
+            ),
+            (
+                Some("example.com"),
+                "/v1/content",
+                Method::GET,
+                Some("content"),
+            ),
+        ];
+        for (host, path, method, want) in cases {
+            let got = r.find(host, path, &method).map(|route| route.name.as_str());
+            assert_eq!(got, want, "{host:?} {method} {path}");
+        }
+    }
+
+    #[test]
+    fn strips_ports_from_hosts() {
+        assert_eq!(strip_port("a.example:80"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

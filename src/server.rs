@@ -1,0 +1,227 @@
+//! Assembles the running proxy from a snapshot: Pingora listeners, admin API, sidecar
+//! supervisor, drain watcher.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::server::{RunArgs, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+
+use crate::access_log::AccessLog;
+use crate::admin::{self, AdminState};
+use crate::config::{self, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::EdgeProxy;
+use crate::shutdown::Drain;
+use crate::snapshot::{ConfigStore, Snapshot};
+use crate::supervisor::Supervisor;
+use crate::tls;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config file is invalid; each error names its YAML path.
+    #[error("invalid config")]
+    Config(Vec<ConfigError>),
+    /// A socket could not be bound.
+    #[error("cannot listen on {address} ({what}): {source}")]
+    Bind {
+        address: SocketAddr,
+        what: String,
+        source: std::io::Error,
+    },
+    /// The access log could not be opened.
+    #[error("{0}")]
+    AccessLog(std::io::Error),
+}
+
+/// Loads and fully validates a config file, including reading the TLS certificates, without
+/// starting anything. This is what `kingdom-edge check` runs.
+pub fn check(path: &Path) -> Result<Snapshot, Vec<ConfigError>> {
+    let snapshot = config::load(path, &Metrics::new())?;
+    let errors: Vec<ConfigError> = snapshot
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .filter_map(|t| tls::listener_settings(t).err())
+        .flatten()
+        .collect();
+    if errors.is_empty() {
+        Ok(snapshot)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Runs the proxy until a signal stops it. Does not return on success: SIGTERM drains and
+/// exits, SIGINT exits at once.
+pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let snapshot = config::load(path, &metrics).map_err(StartError::Config)?;
+
+    let mut tls_settings = Vec::new();
+    let mut errors = Vec::new();
+    for listener in &snapshot.listeners {
+        match listener.tls.as_ref().map(tls::listener_settings) {
+            Some(Ok(settings)) => tls_settings.push(Some(settings)),
+            Some(Err(e)) => errors.extend(e),
+            None => tls_settings.push(None),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(StartError::Config(errors));
+    }
+
+    // Bind-check every address now, so a port in use is one clear error before anything starts.
+    for listener in &snapshot.listeners {
+        bind(listener.address, &format!("listener {}", listener.name))?;
+    }
+    let admin_listener = match &snapshot.admin {
+        Some(admin) => Some(bind(admin.address, "admin")?),
+        None => None,
+    };
+
+    let access_log = Arc::new(
+        AccessLog::open(&snapshot.access_log, metrics.clone()).map_err(StartError::AccessLog)?,
+    );
+    let supervisor = Arc::new(Supervisor::new(&snapshot.sidecars, &metrics));
+    let draining = Arc::new(AtomicBool::new(false));
+    let shutdown_timeout = snapshot.server.shutdown_timeout;
+
+    let mut conf = ServerConf {
+        threads: snapshot.server.threads,
+        // Pingora's own grace period is only the backstop: the drain watcher exits earlier.
+        grace_period_seconds: Some(shutdown_timeout.as_secs() + 1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    conf.daemon = false;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let banner: Vec<String> = snapshot
+        .listeners
+        .iter()
+        .map(|l| {
+            let scheme = if l.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", l.address)
+        })
+        .collect();
+    let admin_banner = snapshot
+        .admin
+        .as_ref()
+        .map(|a| format!("http://{}", a.address));
+
+    let store = Arc::new(ConfigStore::new(snapshot));
+    let snapshot = store.load();
+    for (listener, tls) in snapshot.listeners.iter().zip(tls_settings) {
+        let proxy = EdgeProxy::new(
+            store.clone(),
+            metrics.clone(),
+            access_log.clone(),
+            tls.is_some(),
+        );
+        let mut service = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            proxy,
+            &format!("listener {}", listener.name),
+        );
+        let address = listener.address.to_string();
+        match tls {
+            Some(settings) => service.add_tls_with_settings(&address, None, settings),
+            None => service.add_tcp(&address),
+        }
+        server.add_service(service);
+    }
+
+    server.add_service(background_service(
+        "sidecars",
+        Task(Box::new({
+            let supervisor = supervisor.clone();
+            move || Box::pin(supervisor.clone().run())
+        })),
+    ));
+    if let Some(listener) = admin_listener {
+        let state = AdminState {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            supervisor: supervisor.clone(),
+            draining: draining.clone(),
+        };
+        server.add_service(background_service(
+            "admin",
+            Task(Box::new(move || {
+                let listener = listener.try_clone();
+                let state = state.clone();
+                Box::pin(async move {
+                    match listener {
+                        Ok(listener) => admin::serve(listener, state).await,
+                        Err(e) => tracing::error!("admin listener: {e}"),
+                    }
+                })
+            })),
+        ));
+    }
+
+    let drain = Drain {
+        in_flight: metrics.in_flight.clone(),
+        timeout: shutdown_timeout,
+        supervisor,
+        draining,
+        access_log,
+    };
+    let phases = server.watch_execution_phase();
+
+    tracing::info!(
+        config = %path.display(),
+        version = snapshot.version,
+        digest = %snapshot.digest,
+        "kingdom-edge proxy on {}{}",
+        banner.join(", "),
+        admin_banner.map(|a| format!(", admin on {a}")).unwrap_or_default()
+    );
+    drop(snapshot);
+
+    // SIGTERM ends in the drain watcher. SIGINT (quick shutdown) returns from `run`: Pingora
+    // has already dropped the supervisor's tasks, which kills the children; make sure of it.
+    let (supervisor, access_log) = (drain.supervisor.clone(), drain.access_log.clone());
+    drain.watch(phases);
+    server.run(RunArgs::default());
+    supervisor.stop();
+    access_log.flush(Duration::from_secs(1));
+    std::process::exit(0)
+}
+
+fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
+    let listener = TcpListener::bind(address).map_err(|source| StartError::Bind {
+        address,
+        what: what.to_string(),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| StartError::Bind {
+            address,
+            what: what.to_string(),
+            source,
+        })?;
+    Ok(listener)
+}
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A background task for Pingora's server: started once, runs until the process exits.
+struct Task(Box<dyn Fn() -> BoxFuture + Send + Sync>);
+
+#[async_trait]
+impl BackgroundService for Task {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        (self.0)().await;
+    }
+}

@@ -1,0 +1,78 @@
+//! Graceful shutdown that ends when the work does. On SIGTERM Pingora closes the listeners and
+//! then sleeps a fixed grace period; this watcher exits the process as soon as no request is in
+//! flight (or `server.shutdown_timeout` passes), after stopping the sidecars.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pingora::server::ExecutionPhase;
+use prometheus::IntGauge;
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use crate::access_log::AccessLog;
+use crate::supervisor::Supervisor;
+
+/// How often the drain checks the in-flight count.
+const POLL: Duration = Duration::from_millis(10);
+/// How long sidecars get to exit after their SIGTERM.
+const SIDECAR_GRACE: Duration = Duration::from_secs(5);
+
+/// What a drain needs to watch and stop.
+pub struct Drain {
+    /// Requests in progress.
+    pub in_flight: IntGauge,
+    /// Longest wait for them.
+    pub timeout: Duration,
+    /// Sidecars to stop once requests are done.
+    pub supervisor: Arc<Supervisor>,
+    /// Set when the drain starts, for `/ready`.
+    pub draining: Arc<AtomicBool>,
+    /// Flushed before exit.
+    pub access_log: Arc<AccessLog>,
+}
+
+impl Drain {
+    /// Watches Pingora's execution phases on a thread of its own; on the graceful grace
+    /// period it drains and exits the process.
+    pub fn watch(self, mut phases: broadcast::Receiver<ExecutionPhase>) {
+        let spawned = thread::Builder::new()
+            .name("drain".into())
+            .spawn(move || loop {
+                match phases.blocking_recv() {
+                    Ok(ExecutionPhase::ShutdownGracePeriod) => self.drain_and_exit(),
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return,
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(
+                "cannot start the drain watcher, SIGTERM will wait the full grace period: {e}"
+            );
+        }
+    }
+
+    fn drain_and_exit(&self) -> ! {
+        self.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + self.timeout;
+        tracing::info!(in_flight = self.in_flight.get(), "draining");
+        while self.in_flight.get() > 0 && Instant::now() < deadline {
+            thread::sleep(POLL);
+        }
+        let left = self.in_flight.get();
+        if left > 0 {
+            tracing::warn!(
+                in_flight = left,
+                "shutdown_timeout reached with requests still in flight"
+            );
+        }
+        self.supervisor.stop();
+        if !self.supervisor.wait_stopped(SIDECAR_GRACE) {
+            tracing::warn!("some sidecars did not exit within {SIDECAR_GRACE:?}");
+        }
+        self.access_log.flush(Duration::from_secs(1));
+        tracing::info!("stopped");
+        std::process::exit(0)
+    }
+}

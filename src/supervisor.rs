@@ -1,0 +1,246 @@
+//! Sidecar supervision: one child process per configured address, restarted with backoff when
+//! it exits, its output logged under its name, and stopped when the proxy stops.
+//!
+//! Children get `--exit-on-stdin-eof` and a pipe for stdin, so they also exit when the proxy
+//! dies without a chance to stop them (SIGKILL, crash).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use prometheus::IntCounter;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::snapshot::Sidecar;
+
+/// First restart delay; doubles on each quick exit up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A child that ran this long is considered healthy again: the next restart is quick.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Supervises every sidecar process.
+pub struct Supervisor {
+    processes: Vec<Arc<Process>>,
+    stopping: AtomicBool,
+    stop_requested: Notify,
+    running: Mutex<usize>,
+    exited: Condvar,
+}
+
+/// One supervised child: a sidecar at one address.
+struct Process {
+    sidecar: Sidecar,
+    address: SocketAddr,
+    pid: AtomicU32,
+    restarts: IntCounter,
+}
+
+/// A child's state, for `/status`.
+#[derive(Debug, Serialize)]
+pub struct ProcessStatus {
+    pub sidecar: String,
+    pub address: String,
+    /// `None` while it is not running (between a crash and its restart).
+    pub pid: Option<u32>,
+    pub restarts: u64,
+}
+
+impl Supervisor {
+    /// Plans one process per address of every sidecar; nothing starts until [`Self::run`].
+    pub fn new(sidecars: &[Sidecar], metrics: &Metrics) -> Self {
+        let processes = sidecars
+            .iter()
+            .flat_map(|s| {
+                s.addresses.iter().map(|address| {
+                    Arc::new(Process {
+                        sidecar: s.clone(),
+                        address: *address,
+                        pid: AtomicU32::new(0),
+                        restarts: metrics.sidecar_restarts(&s.name, &address.to_string()),
+                    })
+                })
+            })
+            .collect();
+        Self {
+            processes,
+            stopping: AtomicBool::new(false),
+            stop_requested: Notify::new(),
+            running: Mutex::new(0),
+            exited: Condvar::new(),
+        }
+    }
+
+    /// Starts every child and keeps them running until [`Self::stop`].
+    pub async fn run(self: Arc<Self>) {
+        let tasks: Vec<_> = self
+            .processes
+            .iter()
+            .map(|p| tokio::spawn(self.clone().keep_running(p.clone())))
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    async fn keep_running(self: Arc<Self>, process: Arc<Process>) {
+        let name = &process.sidecar.name;
+        let mut backoff = MIN_BACKOFF;
+        let mut first = true;
+        while !self.stopping.load(Ordering::Acquire) {
+            if !first {
+                process.restarts.inc();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = self.stop_requested.notified() => break,
+                }
+                if self.stopping.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+            first = false;
+            let started = Instant::now();
+            match self.run_once(&process).await {
+                Ok(status) => {
+                    tracing::warn!(sidecar = %name, address = %process.address, %status, "sidecar exited")
+                }
+                Err(e) => {
+                    tracing::error!(sidecar = %name, address = %process.address, "cannot start sidecar: {e}")
+                }
+            }
+            backoff = if started.elapsed() >= STABLE_AFTER {
+                MIN_BACKOFF
+            } else {
+                (backoff * 2).min(MAX_BACKOFF)
+            };
+        }
+    }
+
+    async fn run_once(&self, process: &Process) -> std::io::Result<std::process::ExitStatus> {
+        let program = resolve(&process.sidecar.command).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "`{}` is neither next to the kingdom-edge binary nor on PATH",
+                    process.sidecar.command
+                ),
+            )
+        })?;
+        let mut child = Command::new(&program)
+            .arg("--listen")
+            .arg(process.address.to_string())
+            .arg("--exit-on-stdin-eof")
+            .args(&process.sidecar.args)
+            .envs(&process.sidecar.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let _stdin = child.stdin.take();
+        let pid = child.id().unwrap_or(0);
+        process.pid.store(pid, Ordering::Release);
+        *self.lock_running() += 1;
+        tracing::info!(sidecar = %process.sidecar.name, address = %process.address, pid, program = %program.display(), "sidecar started");
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(relay(out, process.sidecar.name.clone(), process.address));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(relay(err, process.sidecar.name.clone(), process.address));
+        }
+        let status = child.wait().await;
+        process.pid.store(0, Ordering::Release);
+        *self.lock_running() -= 1;
+        self.exited.notify_all();
+        status
+    }
+
+    /// Stops restarting children and sends each a SIGTERM. Returns at once.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop_requested.notify_waiters();
+        for process in &self.processes {
+            let pid = process.pid.load(Ordering::Acquire);
+            if pid != 0 {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// Blocks until every child has exited or `timeout` passes; true if all exited.
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        let guard = self.lock_running();
+        let (count, _) = self
+            .exited
+            .wait_timeout_while(guard, timeout, |running| *running > 0)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *count == 0
+    }
+
+    /// Every child's pid and restart count.
+    pub fn status(&self) -> Vec<ProcessStatus> {
+        self.processes
+            .iter()
+            .map(|p| ProcessStatus {
+                sidecar: p.sidecar.name.clone(),
+                address: p.address.to_string(),
+                pid: Some(p.pid.load(Ordering::Acquire)).filter(|pid| *pid != 0),
+                restarts: p.restarts.get(),
+            })
+            .collect()
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Finds a sidecar binary: a path as given, else next to our own executable, else on PATH.
+pub fn resolve(command: &str) -> Option<PathBuf> {
+    if command.contains('/') {
+        return Some(PathBuf::from(command));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(command)));
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(command));
+    beside.into_iter().chain(on_path).find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+async fn relay(stream: impl AsyncRead + Unpin, sidecar: String, address: SocketAddr) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "kingdom_edge::sidecar", sidecar = %sidecar, address = %address, "{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_paths_and_path_lookups() {
+        assert_eq!(resolve("/bin/true"), Some(PathBuf::from("/bin/true")));
+        assert!(resolve("sh").is_some_and(|p| p.ends_with("sh")));
+        assert_eq!(resolve("no-such-binary-kingdom"), None);
+    }
+}
