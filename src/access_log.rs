@@ -29,6 +29,7 @@ pub struct Entry<'a> {
     pub path: &'a str,
     pub status: u16,
     pub bytes_out: usize,
+    /// Milliseconds, to the microsecond.
     pub duration_ms: f64,
     pub route: Option<&'a str>,
     pub pool: Option<&'a str>,

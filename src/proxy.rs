@@ -282,7 +282,7 @@ impl ProxyHttp for EdgeProxy {
             path: req.uri.path(),
             status,
             bytes_out: session.body_bytes_sent(),
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            duration_ms: elapsed.as_micros() as f64 / 1000.0,
             route: ctx.route.as_ref().map(|r| r.name.as_str()),
             pool: pool.map(|p| p.name.as_str()),
             backend: backend.map(|b| b.label.as_str()),

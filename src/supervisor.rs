@@ -111,6 +111,9 @@ impl Supervisor {
             first = false;
             let started = Instant::now();
             match self.run_once(&process).await {
+                Ok(status) if self.stopping.load(Ordering::Acquire) => {
+                    tracing::info!(sidecar = %name, address = %process.address, %status, "sidecar stopped")
+                }
                 Ok(status) => {
                     tracing::warn!(sidecar = %name, address = %process.address, %status, "sidecar exited")
                 }
@@ -229,7 +232,7 @@ fn is_executable(path: &Path) -> bool {
 async fn relay(stream: impl AsyncRead + Unpin, sidecar: String, address: SocketAddr) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "kingdom_edge::sidecar", sidecar = %sidecar, address = %address, "{line}");
+        tracing::info!(target: "sidecar", sidecar = %sidecar, address = %address, "{line}");
     }
 }
 

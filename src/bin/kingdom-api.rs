@@ -21,8 +21,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    sidecar::init_tracing();
     let cli = Cli::parse();
+    sidecar::init_tracing(cli.common.exit_on_stdin_eof);
     let secret = std::env::var(&cli.secret_env).unwrap_or_default();
     let service = match api::ApiService::new(secret.as_bytes()) {
         Ok(service) => service,

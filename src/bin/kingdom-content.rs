@@ -26,8 +26,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    sidecar::init_tracing();
     let cli = Cli::parse();
+    sidecar::init_tracing(cli.common.exit_on_stdin_eof);
     let service = content::ContentService::new(cli.generate_latency);
     let app = sidecar::finish(
         content::routes(service),

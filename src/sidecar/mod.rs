@@ -225,17 +225,19 @@ async fn stop_requested(watch_stdin: bool) {
         tracing::error!("cannot install signal handlers");
         return std::future::pending().await;
     };
+    // A plain thread reads stdin: tokio's stdin reader would keep the runtime from shutting
+    // down while the read blocks.
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    if watch_stdin {
+        std::thread::spawn(move || {
+            let mut sink = std::io::sink();
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut sink);
+            let _ = closed_tx.send(());
+        });
+    }
     let stdin_closed = async {
-        if !watch_stdin {
-            return std::future::pending().await;
-        }
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 256];
-        loop {
-            match tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
+        if !watch_stdin || closed_rx.await.is_err() {
+            std::future::pending::<()>().await;
         }
     };
     tokio::select! {
@@ -245,13 +247,19 @@ async fn stop_requested(watch_stdin: bool) {
     }
 }
 
-/// Sets up logging to stderr for a sidecar binary.
-pub fn init_tracing() {
+/// Sets up logging to stderr for a sidecar binary. Under a supervisor, which stamps each
+/// relayed line itself, lines carry no time of their own.
+pub fn init_tracing(supervised: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
-        .init();
+        .with_target(false);
+    if supervised {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
 }

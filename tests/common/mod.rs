@@ -1,0 +1,278 @@
+//! Test harness: the real binaries on ephemeral loopback ports, small fake upstreams, and
+//! deadline-bounded waits.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long anything in a test may take to become true.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// `n` distinct free loopback ports.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Polls `check` until it returns `Some`, or panics after [`DEADLINE`] naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A plain HTTP client that ignores proxy environment variables.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A running `kingdom-edge` with its config in a temporary directory.
+pub struct Edge {
+    child: Option<Child>,
+    /// The first listener.
+    pub proxy: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// Holds the config, access log and stderr.
+    pub dir: tempfile::TempDir,
+}
+
+/// The path of a binary built by this package.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "kingdom-edge" => PathBuf::from(env!("CARGO_BIN_EXE_kingdom-edge")),
+        "kingdom-api" => PathBuf::from(env!("CARGO_BIN_EXE_kingdom-api")),
+        "kingdom-content" => PathBuf::from(env!("CARGO_BIN_EXE_kingdom-content")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+impl Edge {
+    /// Writes `yaml` and starts the proxy; waits until the admin API answers `/health`.
+    /// `proxy` and `admin` must be the addresses the YAML gives.
+    pub async fn start(yaml: &str, proxy: SocketAddr, admin: SocketAddr) -> Edge {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("edge.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let child = Command::new(bin("kingdom-edge"))
+            .arg("-c")
+            .arg(&config)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .spawn()
+            .expect("start kingdom-edge");
+        let mut edge = Edge {
+            child: Some(child),
+            proxy,
+            admin,
+            dir,
+        };
+        let http = client();
+        let url = format!("http://{admin}/health");
+        let mut exited = None;
+        wait_for("the admin API to answer /health", || {
+            if let Some(status) = edge.try_wait() {
+                exited = Some(status);
+                return std::future::ready(Some(false)).left_future();
+            }
+            let req = http.get(&url).send();
+            async move { req.await.ok().filter(|r| r.status() == 200).map(|_| true) }.right_future()
+        })
+        .await;
+        if let Some(status) = exited {
+            panic!("kingdom-edge exited early ({status}):\n{}", edge.stderr());
+        }
+        wait_for("the proxy listener to accept connections", || async move {
+            tokio::net::TcpStream::connect(proxy).await.ok().map(|_| ())
+        })
+        .await;
+        edge
+    }
+
+    /// Like [`Edge::start`], then waits until every backend of every pool accepts connections.
+    pub async fn start_ready(yaml: &str, proxy: SocketAddr, admin: SocketAddr) -> Edge {
+        let edge = Edge::start(yaml, proxy, admin).await;
+        edge.wait_ready().await;
+        let status = edge.status().await;
+        for pool in status["pools"].as_array().unwrap() {
+            for backend in pool["backends"].as_array().unwrap() {
+                let address: SocketAddr = backend["address"].as_str().unwrap().parse().unwrap();
+                wait_for(
+                    &format!("backend {address} to accept connections"),
+                    || async move {
+                        tokio::net::TcpStream::connect(address)
+                            .await
+                            .ok()
+                            .map(|_| ())
+                    },
+                )
+                .await;
+            }
+        }
+        edge
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self) {
+        let http = client();
+        let url = format!("http://{}/ready", self.admin);
+        wait_for("/ready to answer 200", || {
+            let req = http.get(&url).send();
+            async move { req.await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// `http://<proxy><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// `GET /status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(format!("http://{}/status", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends a signal to the proxy process.
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let mut status = None;
+        wait_for("kingdom-edge to exit", || {
+            status = status.or_else(|| self.try_wait());
+            std::future::ready(status.map(|_| ()))
+        })
+        .await;
+        status.unwrap()
+    }
+
+    /// What the proxy wrote to stdout (the access log with the default output).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
+    }
+
+    /// What the proxy logged.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// The config file's path.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("edge.yaml")
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                // SIGINT: quick exit, sidecars stopped too.
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- kingdom-edge stderr ---\n{}", self.stderr());
+        }
+    }
+}
+
+use futures::FutureExt;
+
+/// A fake upstream: `GET /slow?ms=N` answers after N ms, `GET /ok` at once, both with
+/// `x-upstream: <name>`.
+pub async fn fake_upstream(name: &'static str) -> SocketAddr {
+    use axum::extract::Query;
+    use axum::routing::get;
+    use std::collections::HashMap;
+    let app = axum::Router::new()
+        .route(
+            "/ok",
+            get(move || async move { ([("x-upstream", name)], "ok") }),
+        )
+        .route(
+            "/slow",
+            get(move |Query(q): Query<HashMap<String, u64>>| async move {
+                tokio::time::sleep(Duration::from_millis(q.get("ms").copied().unwrap_or(1000)))
+                    .await;
+                ([("x-upstream", name)], "slow ok")
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+/// A path to a fixture-like temporary file with `content`.
+pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path
+}

@@ -1,0 +1,281 @@
+//! End to end: the real `kingdom-edge` with its real sidecars (or small fake upstreams) on
+//! ephemeral loopback ports, driven over HTTP.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use common::{client, free_ports, Edge};
+use serde_json::Value;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Proxy + admin + two api sidecars (3:1) + one content sidecar.
+async fn sidecar_edge() -> Edge {
+    let p = free_ports(5);
+    let yaml = format!(
+        r#"
+server: {{ threads: 2, shutdown_timeout: 30s }}
+listeners: [{{ name: public, address: 127.0.0.1:{proxy} }}]
+admin: {{ address: 127.0.0.1:{admin} }}
+sidecars:
+  - {{ name: api, command: kingdom-api, addresses: [127.0.0.1:{a1}, 127.0.0.1:{a2}], env: {{ KINGDOM_API_SECRET: integration-test-secret }} }}
+  - {{ name: content, command: kingdom-content, addresses: [127.0.0.1:{c1}] }}
+pools:
+  api: {{ backends: [{{ address: 127.0.0.1:{a1}, weight: 3 }}, {{ address: 127.0.0.1:{a2}, weight: 1 }}] }}
+  content: {{ backends: [{{ address: 127.0.0.1:{c1} }}] }}
+routes:
+  - {{ name: content-generate, match: {{ path_prefix: /v1/content/generate, methods: [POST] }}, pool: content }}
+  - {{ name: content, match: {{ path_prefix: /v1/content }}, pool: content }}
+  - {{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}
+"#,
+        proxy = p[0],
+        admin = p[1],
+        a1 = p[2],
+        a2 = p[3],
+        c1 = p[4]
+    );
+    Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
+}
+
+#[tokio::test]
+async fn routes_by_prefix_and_method_and_splits_by_weight() {
+    let edge = sidecar_edge().await;
+    let http = client();
+
+    let templates: Value = http
+        .get(edge.url("/v1/content/templates"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(templates["templates"].as_array().unwrap().len(), 6);
+
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..400 {
+        let response = http.get(edge.url("/v1/echo")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let instance = response.headers()["x-instance"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        *seen.entry(instance).or_default() += 1;
+    }
+    let status = edge.status().await;
+    let api: Vec<String> = status["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "api")
+        .unwrap()["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen.get(&api[0]), Some(&300), "{seen:?}");
+    assert_eq!(seen.get(&api[1]), Some(&100), "{seen:?}");
+
+    // POST /v1/content/generate goes to the content pool, GET of the same path falls through
+    // to the `content` route (and the content service answers 405 for GET on it).
+    let generated = http
+        .post(edge.url("/v1/content/generate"))
+        .json(&serde_json::json!({ "type": "email", "topic": "launch" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(generated.status(), 200);
+    assert_eq!(generated.headers()["cache-control"], "no-store");
+    let get_generate = http
+        .get(edge.url("/v1/content/generate"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get_generate.status(), 405);
+
+    let metrics = edge.metrics().await;
+    assert!(
+        metrics.contains(r#"kingdom_edge_requests_total{code="200",route="api"} 400"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kingdom_edge_request_duration_seconds_bucket"));
+    assert!(metrics.contains(&format!(
+        r#"kingdom_edge_upstream_requests_total{{backend="{}",outcome="ok",pool="api"}} 300"#,
+        api[0]
+    )));
+    // The gauge drops once each request's log phase is done, just after its response.
+    common::wait_for("in-flight to return to 0", || {
+        let metrics = edge.metrics();
+        async move {
+            metrics
+                .await
+                .contains("kingdom_edge_in_flight 0")
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_paths_get_a_json_404_with_the_request_id() {
+    let edge = sidecar_edge().await;
+    let response = client()
+        .get(edge.url("/nowhere"))
+        .header("x-request-id", "trace-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.headers()["x-request-id"], "trace-123");
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "no_route");
+    assert_eq!(body["request_id"], "trace-123");
+}
+
+#[tokio::test]
+async fn forwards_client_identity_and_request_id_and_strips_hop_by_hop() {
+    let edge = sidecar_edge().await;
+    let http = client();
+
+    let response = http
+        .get(edge.url("/v1/echo?x=1"))
+        .header("x-request-id", "abc-123")
+        .header("x-forwarded-for", "203.0.113.50")
+        .header("connection", "keep-alive, x-secret")
+        .header("x-secret", "hop")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    let echo: Value = response.json().await.unwrap();
+    let header = |name: &str| echo["headers"][name][0].as_str().map(str::to_string);
+    assert_eq!(echo["path"], "/v1/echo");
+    assert_eq!(echo["query"], "x=1");
+    // 127.0.0.1 is not a trusted proxy in this config: the incoming chain is discarded.
+    assert_eq!(header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(header("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(header("x-forwarded-host"), Some(edge.proxy.to_string()));
+    assert_eq!(header("x-request-id").as_deref(), Some("abc-123"));
+    for hop in ["x-secret", "keep-alive", "te"] {
+        assert_eq!(header(hop), None, "{hop} must not reach the upstream");
+    }
+
+    // An unusable incoming id is replaced by a generated one, the same up and down.
+    let response = http
+        .get(edge.url("/v1/echo"))
+        .header("x-request-id", "has spaces and \"quotes\"")
+        .send()
+        .await
+        .unwrap();
+    let returned = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(returned.len(), 32);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-request-id"][0], returned.as_str());
+}
+
+#[tokio::test]
+async fn upstream_failures_are_json_502_and_504() {
+    let slow = common::fake_upstream("slow").await;
+    let p = free_ports(3);
+    let dead = p[2]; // nothing listens there
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{proxy} }}]
+admin: {{ address: 127.0.0.1:{admin} }}
+pools:
+  dead: {{ backends: [{{ address: 127.0.0.1:{dead} }}] }}
+  slow: {{ backends: [{{ address: {slow} }}], timeouts: {{ read: 300ms }} }}
+routes:
+  - {{ name: dead, match: {{ path_prefix: /dead }}, pool: dead }}
+  - {{ name: slow, match: {{ path_prefix: / }}, pool: slow }}
+"#,
+        proxy = p[0],
+        admin = p[1],
+    );
+    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    let http = client();
+
+    let response = http.get(edge.url("/dead/x")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_error");
+    assert_eq!(body["request_id"], id.as_str());
+
+    let response = http.get(edge.url("/slow?ms=5000")).send().await.unwrap();
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_timeout");
+
+    let response = http.get(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-upstream"], "slow");
+
+    let ready = http
+        .get(format!("http://{}/ready", edge.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "the dead pool has no reachable backend"
+    );
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["unreachable_pools"], serde_json::json!(["dead"]));
+
+    let metrics = edge.metrics().await;
+    assert!(
+        metrics.contains(r#"outcome="connect_error",pool="dead"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"outcome="timeout",pool="slow"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn access_log_has_one_json_line_per_request() {
+    let edge = sidecar_edge().await;
+    let http = client();
+    http.get(edge.url("/v1/echo"))
+        .header("x-request-id", "log-me")
+        .send()
+        .await
+        .unwrap();
+    let line: Value = common::wait_for("the access-log line", || {
+        let found = edge
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["request_id"] == "log-me");
+        std::future::ready(found)
+    })
+    .await;
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/v1/echo");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["route"], "api");
+    assert_eq!(line["pool"], "api");
+    assert_eq!(line["attempts"], 1);
+    assert_eq!(line["client"], "127.0.0.1");
+    assert!(line["backend"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(line["bytes_out"].as_u64().unwrap() > 0);
+    assert!(line["duration_ms"].as_f64().is_some());
+    assert!(line["time"].as_str().unwrap().ends_with('Z'));
+}
