@@ -55,7 +55,7 @@ pub fn check(path: &Path) -> Result<Snapshot, Vec<ConfigError>> {
     if errors.is_empty() {
         Ok(snapshot)
     } else {
-        Err(errors)
+        Err(config::locate(path, errors))
     }
 }
 
@@ -75,7 +75,7 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         }
     }
     if !errors.is_empty() {
-        return Err(StartError::Config(errors));
+        return Err(StartError::Config(config::locate(path, errors)));
     }
 
     // Bind-check every address now, so a port in use is one clear error before anything starts.

@@ -45,6 +45,9 @@ pub fn listener_settings(tls: &TlsSettings) -> Result<PingoraTls, Vec<ConfigErro
 }
 
 fn load(files: &CertificateFiles) -> Result<CertifiedKey, String> {
+    for path in [&files.cert, &files.key] {
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    }
     let (cert, key) = (files.cert.display(), files.key.display());
     let (chain, private_key) =
         pingora::tls::load_certs_and_key_files(&cert.to_string(), &key.to_string())

@@ -112,6 +112,15 @@ pub fn parse(text: &str, metrics: &Metrics) -> Result<Snapshot, Vec<ConfigError>
     }
 }
 
+/// Fills in the line of errors found after compiling (TLS files, for instance) by indexing
+/// the file again. Errors that already have a line keep it.
+pub fn locate(path: &Path, errors: Vec<ConfigError>) -> Vec<ConfigError> {
+    let index = std::fs::read_to_string(path)
+        .map(|text| LineIndex::new(&text))
+        .unwrap_or_default();
+    Errors(errors).into_located(&index)
+}
+
 /// serde_yaml puts the path first and the position last: `a.b: message at line 3 column 5`.
 fn from_serde(e: &serde_yaml::Error) -> ConfigError {
     let text = e.to_string();

@@ -1,0 +1,245 @@
+//! Process lifecycle: sidecar restart after SIGKILL, SIGTERM draining, `check`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use common::{client, free_ports, wait_for, Edge};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn sidecar_pid(status: &Value, address: &str) -> Option<i32> {
+    status["sidecars"]
+        .as_array()?
+        .iter()
+        .find(|s| s["address"] == address)?["pid"]
+        .as_i64()
+        .map(|p| p as i32)
+}
+
+#[tokio::test]
+async fn a_killed_sidecar_is_restarted() {
+    let p = free_ports(3);
+    let api = format!("127.0.0.1:{}", p[2]);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{proxy} }}]
+admin: {{ address: 127.0.0.1:{admin} }}
+sidecars:
+  - {{ name: api, command: kingdom-api, addresses: [{api}], env: {{ KINGDOM_API_SECRET: integration-test-secret }} }}
+pools:
+  api: {{ backends: [{{ address: {api} }}] }}
+routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
+"#,
+        proxy = p[0],
+        admin = p[1],
+    );
+    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let http = client();
+    assert_eq!(
+        http.get(edge.url("/v1/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let first = sidecar_pid(&edge.status().await, &api).expect("the sidecar runs");
+    kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
+
+    let second = wait_for("a new sidecar process", || {
+        let status = edge.status();
+        let api = api.clone();
+        async move { sidecar_pid(&status.await, &api).filter(|pid| *pid != first) }
+    })
+    .await;
+    assert_ne!(first, second);
+    wait_for("requests to succeed again", || {
+        let request = http.get(edge.url("/v1/echo")).send();
+        async move { request.await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+    })
+    .await;
+    let status = edge.status().await;
+    assert_eq!(status["sidecars"][0]["restarts"], 1);
+    assert!(edge.metrics().await.contains(&format!(
+        r#"kingdom_edge_sidecar_restarts_total{{address="{api}",sidecar="api"}} 1"#
+    )));
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let slow = common::fake_upstream("slow").await;
+    let p = free_ports(3);
+    let api = format!("127.0.0.1:{}", p[2]);
+    let yaml = format!(
+        r#"
+server: {{ shutdown_timeout: 60s }}
+listeners: [{{ name: public, address: 127.0.0.1:{proxy} }}]
+admin: {{ address: 127.0.0.1:{admin} }}
+sidecars:
+  - {{ name: api, command: kingdom-api, addresses: [{api}], env: {{ KINGDOM_API_SECRET: integration-test-secret }} }}
+pools:
+  slow: {{ backends: [{{ address: {slow} }}] }}
+  api: {{ backends: [{{ address: {api} }}] }}
+routes:
+  - {{ name: slow, match: {{ path_prefix: /slow }}, pool: slow }}
+  - {{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}
+"#,
+        proxy = p[0],
+        admin = p[1],
+    );
+    let mut edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let sidecar = sidecar_pid(&edge.status().await, &api).unwrap();
+
+    let http = client();
+    let in_flight = tokio::spawn(http.get(edge.url("/slow?ms=1500")).send());
+    wait_for("the slow request to be in flight", || {
+        let status = edge.status();
+        async move { (status.await["in_flight"] == 1).then_some(()) }
+    })
+    .await;
+
+    edge.signal(Signal::SIGTERM);
+
+    // New connections are refused while the slow request is still running.
+    let proxy = edge.proxy;
+    wait_for("the listener to close", || async move {
+        tokio::net::TcpStream::connect(proxy)
+            .await
+            .err()
+            .map(|_| ())
+    })
+    .await;
+    assert!(
+        !in_flight.is_finished(),
+        "the slow request should still be running"
+    );
+    let ready = http
+        .get(format!("http://{}/ready", edge.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "readiness fails while draining");
+
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "slow ok");
+
+    // The process exits once idle, long before the 60s shutdown_timeout, and stops its sidecar.
+    let status = edge.wait_exit().await;
+    assert!(status.success(), "{status}");
+    wait_for("the sidecar to exit", || {
+        std::future::ready(kill(Pid::from_raw(sidecar), None).err().map(|_| ()))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_on_an_idle_proxy_exits_at_once() {
+    let p = free_ports(2);
+    let upstream = common::fake_upstream("idle").await;
+    let yaml = format!(
+        r#"
+server: {{ shutdown_timeout: 60s }}
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+pools: {{ idle: {{ backends: [{{ address: {upstream} }}] }} }}
+routes: [{{ name: idle, match: {{ path_prefix: / }}, pool: idle }}]
+"#,
+        p[0], p[1]
+    );
+    let mut edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    // Leave an idle keep-alive connection open: it must not hold the exit back.
+    let http = client();
+    assert_eq!(
+        http.get(edge.url("/ok")).send().await.unwrap().status(),
+        200
+    );
+    edge.signal(Signal::SIGTERM);
+    // wait_exit's deadline (30s) is half the configured shutdown_timeout.
+    assert!(edge.wait_exit().await.success());
+}
+
+fn check(yaml: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_file(dir.path(), "edge.yaml", yaml);
+    let out = Command::new(common::bin("kingdom-edge"))
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+#[test]
+fn check_accepts_the_default_config_and_names_path_and_line_of_errors() {
+    let default = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml"),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = check(&default);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("listener public on 127.0.0.1:8080 (http)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("admin on 127.0.0.1:9090"), "{stdout}");
+
+    let broken = "\
+listeners: [{ name: public, address: 127.0.0.1:8080 }]
+pools:
+  api:
+    backends: [{ address: 127.0.0.1:9201, weight: 3 }]
+routes:
+  - { name: api, pool: apii }
+";
+    let (ok, _, stderr) = check(broken);
+    assert!(!ok);
+    assert_eq!(
+        stderr,
+        "FILE:6: routes[0].pool: no pool named `apii` under `pools:`\nFILE: 1 error(s)\n"
+    );
+
+    let (ok, _, stderr) = check("listeners: [{ name: a, address: 127.0.0.1:1, colour: red }]\n");
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("FILE:1: listeners[0]: unknown field `colour`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_reads_tls_certificates() {
+    let yaml = "\
+listeners:
+  - name: tls
+    address: 127.0.0.1:8443
+    tls: { certificates: [{ cert: /nonexistent/edge.crt, key: /nonexistent/edge.key }] }
+pools: { api: { backends: [{ address: 127.0.0.1:9201 }] } }
+routes: [{ name: api, pool: api }]
+";
+    let (ok, _, stderr) = check(yaml);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with(
+            "FILE:4: listeners[0].tls.certificates[0]: cannot read /nonexistent/edge.crt"
+        ),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,191 @@
+//! TLS termination with SNI across several certificates, HTTP/2 to clients, and WebSocket
+//! upgrades passing through.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{free_ports, Edge};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+struct Cert {
+    pem: String,
+}
+
+fn self_signed(dir: &std::path::Path, name: &str, hosts: &[&str]) -> Cert {
+    let generated =
+        rcgen::generate_simple_self_signed(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let pem = generated.cert.pem();
+    common::write_file(dir, &format!("{name}.crt"), &pem);
+    common::write_file(
+        dir,
+        &format!("{name}.key"),
+        &generated.key_pair.serialize_pem(),
+    );
+    Cert { pem }
+}
+
+#[tokio::test]
+async fn terminates_tls_by_sni_and_speaks_http2() {
+    let certs = tempfile::tempdir().unwrap();
+    let edge_cert = self_signed(certs.path(), "edge", &["edge.test"]);
+    let api_cert = self_signed(certs.path(), "api", &["*.api.test"]);
+    let p = free_ports(4);
+    let d = certs.path().display();
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: plain, address: 127.0.0.1:{plain} }}
+  - name: tls
+    address: 127.0.0.1:{tls}
+    tls:
+      certificates:
+        - {{ cert: {d}/edge.crt, key: {d}/edge.key }}
+        - {{ cert: {d}/api.crt, key: {d}/api.key }}
+      http2: true
+admin: {{ address: 127.0.0.1:{admin} }}
+sidecars:
+  - {{ name: api, command: kingdom-api, addresses: [127.0.0.1:{api}], env: {{ KINGDOM_API_SECRET: integration-test-secret }} }}
+pools: {{ api: {{ backends: [{{ address: 127.0.0.1:{api} }}] }} }}
+routes: [{{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}]
+"#,
+        plain = p[0],
+        tls = p[1],
+        admin = p[2],
+        api = p[3],
+    );
+    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[2])).await;
+    let tls = addr(p[1]);
+
+    let client = |http1_only: bool| {
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(edge_cert.pem.as_bytes()).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(api_cert.pem.as_bytes()).unwrap())
+            .resolve("edge.test", tls)
+            .resolve("shop.api.test", tls);
+        if http1_only {
+            builder = builder.http1_only();
+        }
+        builder.build().unwrap()
+    };
+
+    // Each name gets the certificate that covers it, or verification would fail.
+    for host in ["edge.test", "shop.api.test"] {
+        let response = client(false)
+            .get(format!("https://{host}:{}/v1/echo", p[1]))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e:?}"));
+        assert_eq!(response.version(), reqwest::Version::HTTP_2, "{host}");
+        assert_eq!(response.status(), 200);
+        let echo: Value = response.json().await.unwrap();
+        assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https");
+        assert_eq!(
+            echo["headers"]["host"][0],
+            format!("{host}:{}", p[1]).as_str(),
+            "HTTP/2 :authority becomes Host upstream"
+        );
+    }
+
+    let response = client(true)
+        .get(format!("https://edge.test:{}/v1/echo", p[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    assert_eq!(response.status(), 200);
+
+    let status = edge.status().await;
+    assert_eq!(status["listeners"][1]["tls"], true);
+    assert_eq!(status["listeners"][1]["http2"], true);
+}
+
+/// An upstream that accepts one WebSocket handshake and echoes the bytes that follow.
+async fn websocket_echo_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                if !text.contains("upgrade: websocket") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                    )
+                    .await;
+                loop {
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through() {
+    let upstream = websocket_echo_upstream().await;
+    let p = free_ports(2);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+pools: {{ ws: {{ backends: [{{ address: {upstream} }}] }} }}
+routes: [{{ name: ws, match: {{ path_prefix: /ws }}, pool: ws }}]
+"#,
+        p[0], p[1]
+    );
+    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+
+    let mut stream = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws/chat HTTP/1.1\r\nHost: edge.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed during the handshake: {head:?}");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+
+    // Bytes flow both ways over the upgraded connection.
+    stream
+        .write_all(b"frames are opaque to the proxy")
+        .await
+        .unwrap();
+    let mut echoed = vec![0u8; 30];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"frames are opaque to the proxy");
+}
