@@ -395,7 +395,8 @@ mod tests {
 
     #[test]
     fn request_checks() {
-        let cases: &[(&str, &[(&str, &str)], bool)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool);
+        let cases: &[Case] = &[
             ("/v1/echo", &[], true),
             (
                 "/v1/echo",
