@@ -181,16 +181,10 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if upstream.headers.get(header::HOST).is_none() {
-            // HTTP/2 clients send `:authority` instead of `Host`; HTTP/1.1 upstreams need Host.
-            if let Some(authority) = session.req_header().uri.authority().map(|a| a.to_string()) {
-                upstream.insert_header(header::HOST, authority)?;
-            }
-        }
         if let Some(f) = &ctx.forwarded {
             upstream.insert_header("x-forwarded-for", &f.for_chain)?;
             upstream.insert_header("x-forwarded-proto", &f.proto)?;

@@ -20,7 +20,11 @@ fn errors(text: &str) -> Vec<String> {
 
 #[test]
 fn shipped_configs_compile() {
-    for file in ["conf/edge.yaml", "conf/production.yaml"] {
+    for file in [
+        "conf/edge.yaml",
+        "conf/production.yaml",
+        "conf/container.yaml",
+    ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         if let Err(errors) = load(&path, &Metrics::new()) {
             panic!("{file}: {errors:?}");
