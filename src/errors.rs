@@ -13,6 +13,9 @@ pub enum Rejection {
     /// No route matches host, path and method.
     #[error("no route matches this request")]
     NoRoute,
+    /// The body is larger than the route's `max_body`.
+    #[error("the request body is larger than this route accepts")]
+    BodyTooLarge,
     /// The pool has no backend that can take the request.
     #[error("no upstream backend is available")]
     NoBackend,
@@ -33,6 +36,7 @@ impl Rejection {
         match self {
             Rejection::BadRequest(_) => 400,
             Rejection::NoRoute => 404,
+            Rejection::BodyTooLarge => 413,
             Rejection::NoBackend | Rejection::UpstreamFailed => 502,
             Rejection::UpstreamTimeout => 504,
             Rejection::Internal => 500,
@@ -44,6 +48,7 @@ impl Rejection {
         match self {
             Rejection::BadRequest(_) => "bad_request",
             Rejection::NoRoute => "no_route",
+            Rejection::BodyTooLarge => "body_too_large",
             Rejection::NoBackend => "no_backend",
             Rejection::UpstreamFailed => "upstream_error",
             Rejection::UpstreamTimeout => "upstream_timeout",
@@ -74,6 +79,7 @@ impl Rejection {
             HTTPStatus(504) => Some(Rejection::UpstreamTimeout),
             HTTPStatus(502) => Some(Rejection::UpstreamFailed),
             HTTPStatus(404) => Some(Rejection::NoRoute),
+            HTTPStatus(413) => Some(Rejection::BodyTooLarge),
             HTTPStatus(code) if (400..500).contains(code) => {
                 Some(Rejection::BadRequest("the request is malformed"))
             }

@@ -5,7 +5,8 @@
 //! |---------------------------|----------------------------------------------------------|
 //! | `new_ctx`                 | take the config snapshot, count the request in flight    |
 //! | `early_request_filter`    | request id, client address, framing and path sanity      |
-//! | `request_filter`          | route by host + path prefix + method, or 404             |
+//! | `request_filter`          | route by host + path prefix + method, or 404; body limit |
+//! | `request_body_filter`     | count body bytes against the route's `max_body` (413)    |
 //! | `upstream_peer`           | pick a backend from the route's pool, set timeouts       |
 //! | `upstream_request_filter` | `X-Forwarded-*`, `x-request-id`                          |
 //! | `fail_to_connect`         | no retry yet: the attempt's error becomes the answer     |
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -72,6 +74,7 @@ pub struct RequestCtx {
     route: Option<Arc<Route>>,
     backend: Option<BackendId>,
     attempts: u32,
+    body_bytes: u64,
     rejection: Option<Rejection>,
     _in_flight: InFlight,
 }
@@ -106,6 +109,7 @@ impl ProxyHttp for EdgeProxy {
             route: None,
             backend: None,
             attempts: 0,
+            body_bytes: 0,
             rejection: None,
             _in_flight: InFlight::new(&self.metrics.in_flight),
         }
@@ -144,16 +148,34 @@ impl ProxyHttp for EdgeProxy {
             .router
             .find(request_host(req), req.uri.path(), &req.method)
             .cloned();
-        match route {
-            Some(route) => {
-                ctx.route = Some(route);
-                Ok(false)
-            }
-            None => {
-                ctx.rejection = Some(Rejection::NoRoute);
-                respond(session, ctx, Rejection::NoRoute).await?;
-                Ok(true)
-            }
+        let Some(route) = route else {
+            return answer(session, ctx, Rejection::NoRoute).await;
+        };
+        let declared = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let too_large = matches!((route.max_body, declared), (Some(max), Some(len)) if len > max);
+        ctx.route = Some(route);
+        if too_large {
+            return answer(session, ctx, Rejection::BodyTooLarge).await;
+        }
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Chunked bodies declare no length: count what arrives.
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        match ctx.route.as_ref().and_then(|r| r.max_body) {
+            Some(max) if ctx.body_bytes > max => reject(ctx, Rejection::BodyTooLarge),
+            _ => Ok(()),
         }
     }
 
@@ -290,6 +312,13 @@ impl ProxyHttp for EdgeProxy {
 fn reject<T>(ctx: &mut RequestCtx, rejection: Rejection) -> Result<T> {
     ctx.rejection = Some(rejection);
     Error::e_explain(ErrorType::HTTPStatus(rejection.status()), rejection.code())
+}
+
+/// Answers the request with `rejection` and ends the pipeline.
+async fn answer(session: &mut Session, ctx: &mut RequestCtx, rejection: Rejection) -> Result<bool> {
+    ctx.rejection = Some(rejection);
+    respond(session, ctx, rejection).await?;
+    Ok(true)
 }
 
 /// Writes the JSON error for `rejection`.

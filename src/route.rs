@@ -25,6 +25,8 @@ pub struct Route {
     pub methods: Vec<Method>,
     /// Where matching requests go.
     pub pool: Arc<Pool>,
+    /// Largest request body in bytes; `None` is no limit.
+    pub max_body: Option<u64>,
     /// Request counters for this route.
     pub metrics: RouteMetrics,
 }
@@ -176,6 +178,11 @@ pub fn compile(
             }
         }
 
+        let max_body = route.max_body.map(|size| size.0);
+        if max_body == Some(0) {
+            errors.push(format!("{at}.max_body"), "must be > 0 (got 0B)");
+        }
+
         let pool = pools.iter().find(|p| p.name == route.pool);
         if pool.is_none() && !declared.contains(&route.pool.as_str()) {
             errors.push(
@@ -194,6 +201,7 @@ pub fn compile(
                 path_prefix,
                 methods,
                 pool: pool.clone(),
+                max_body,
                 metrics: metrics.route(&route.name),
             }),
         ));

@@ -186,7 +186,7 @@ async fn forwards_client_identity_and_request_id_and_strips_hop_by_hop() {
 
 #[tokio::test]
 async fn upstream_failures_are_json_502_and_504() {
-    let slow = common::fake_upstream("slow").await;
+    let (slow, accepted) = common::fake_upstream_counting("slow").await;
     let p = free_ports(3);
     let dead = p[2]; // nothing listens there
     let yaml = format!(
@@ -198,7 +198,9 @@ pools:
   slow: {{ backends: [{{ address: {slow} }}], timeouts: {{ read: 300ms }} }}
 routes:
   - {{ name: dead, match: {{ path_prefix: /dead }}, pool: dead }}
+  - {{ name: upload, match: {{ path_prefix: /upload }}, pool: slow, max_body: 1KiB }}
   - {{ name: slow, match: {{ path_prefix: / }}, pool: slow }}
+access_log: {{ output: access.log }}
 "#,
         proxy = p[0],
         admin = p[1],
@@ -221,9 +223,47 @@ routes:
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "upstream_timeout");
 
-    let response = http.get(edge.url("/ok")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-upstream"], "slow");
+    // Sequential requests reuse one upstream keep-alive connection.
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..10 {
+        let response = http.get(edge.url("/ok")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-upstream"], "slow");
+    }
+    let opened = accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(
+        opened, 1,
+        "10 sequential requests opened {opened} upstream connections"
+    );
+
+    // Bodies over the route's max_body: declared (Content-Length) and streamed (chunked).
+    let small = http
+        .post(edge.url("/upload"))
+        .body(vec![b'x'; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 200);
+    assert_eq!(small.text().await.unwrap(), "1024");
+    let declared = http
+        .post(edge.url("/upload"))
+        .body(vec![b'x'; 1025])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), 413);
+    let body: Value = declared.json().await.unwrap();
+    assert_eq!(body["error"], "body_too_large");
+    let chunks = futures::stream::iter(
+        (0..8).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 512]))),
+    );
+    let streamed = http
+        .post(edge.url("/upload"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 413);
 
     let ready = http
         .get(format!("http://{}/ready", edge.admin))
@@ -247,6 +287,16 @@ routes:
         metrics.contains(r#"outcome="timeout",pool="slow"} 1"#),
         "{metrics}"
     );
+    assert!(metrics.contains(r#"kingdom_edge_requests_total{code="413",route="upload"} 2"#));
+
+    // access_log.output names a file (relative to the working directory).
+    let log = edge.dir.path().join("access.log");
+    common::wait_for("the access log file to hold the 504", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        std::future::ready(text.contains(r#""error":"upstream_timeout""#).then_some(()))
+    })
+    .await;
+    assert!(!edge.stdout().contains("request_id"), "nothing on stdout");
 }
 
 #[tokio::test]

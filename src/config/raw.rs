@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::units::Dur;
+use super::units::{Dur, Size};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -134,6 +134,8 @@ pub struct RawRoute {
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     pub pool: String,
+    /// Largest request body accepted, e.g. `64KiB`. Default: no limit.
+    pub max_body: Option<Size>,
 }
 
 /// `routes[].match:`.

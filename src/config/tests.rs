@@ -76,6 +76,11 @@ fn broken_files_give_exact_errors() {
             &["line 5: pools.api.timeouts.connect: `5` needs a unit: ms, s, m or h (e.g. 250ms, 2s)"],
         ),
         (
+            "bad size",
+            "listeners: []\npools: {}\nroutes:\n  - { name: a, pool: a, max_body: 64KB }\n",
+            &["line 4: routes[0].max_body: `64KB` has an unknown unit `KB`: use B, KiB, MiB or GiB"],
+        ),
+        (
             "unknown balancer",
             "listeners: []\npools:\n  api:\n    balance: random\n    backends: []\nroutes: []\n",
             &["line 4: pools.api.balance: unknown variant `random`, expected `weighted_round_robin`"],
@@ -107,7 +112,7 @@ pools:
     timeouts: { connect: 0s }
 routes:
   - { name: api, match: { path_prefix: v1 }, pool: api }
-  - { name: api, match: { methods: [get] }, pool: missing }
+  - { name: api, match: { methods: [get] }, pool: missing, max_body: 0 }
 ",
             &[
                 "line 2: server.threads: must be between 1 and 256 (got 0)",
@@ -122,6 +127,7 @@ routes:
                 "line 19: routes[0].match.path_prefix: must start with `/` (got `v1`)",
                 "line 20: routes[1].name: duplicate route name `api`",
                 "line 20: routes[1].match.methods[0]: `get` is not an upper-case HTTP method",
+                "line 20: routes[1].max_body: must be > 0 (got 0B)",
                 "line 20: routes[1].pool: no pool named `missing` under `pools:`",
             ],
         ),

@@ -244,12 +244,27 @@ impl Drop for Edge {
 use futures::FutureExt;
 
 /// A fake upstream: `GET /slow?ms=N` answers after N ms, `GET /ok` at once, both with
-/// `x-upstream: <name>`.
+/// `x-upstream: <name>`; `POST /upload` reads the whole body and answers its length.
 pub async fn fake_upstream(name: &'static str) -> SocketAddr {
+    fake_upstream_counting(name).await.0
+}
+
+/// [`fake_upstream`], plus a count of the TCP connections it has accepted.
+pub async fn fake_upstream_counting(
+    name: &'static str,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use axum::extract::Query;
-    use axum::routing::get;
+    use axum::routing::{get, post};
+    use axum::serve::ListenerExt;
     use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let accepted = Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new()
+        .route(
+            "/upload",
+            post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        )
         .route(
             "/ok",
             get(move || async move { ([("x-upstream", name)], "ok") }),
@@ -264,10 +279,14 @@ pub async fn fake_upstream(name: &'static str) -> SocketAddr {
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let counter = accepted.clone();
+    let listener = listener.tap_io(move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    addr
+    (addr, accepted)
 }
 
 /// A path to a fixture-like temporary file with `content`.
