@@ -393,15 +393,25 @@ fn check_request(req: &RequestHeader) -> std::result::Result<(), &'static str> {
     if !path.starts_with('/') {
         return Err("the request target must be an absolute path");
     }
-    if path.split('/').any(is_dot_segment) {
+    if path.contains(['.', '%']) && path.split('/').any(is_dot_segment) {
         return Err("the path contains `.` or `..` segments");
     }
     Ok(())
 }
 
+/// `.` or `..`, with any of the dots written as `%2e`/`%2E`.
 fn is_dot_segment(segment: &str) -> bool {
-    let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-    decoded == "." || decoded == ".."
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 #[cfg(test)]
@@ -440,6 +450,10 @@ mod tests {
             ("/v1/%2E%2e/admin", &[], false),
             ("/v1/./x", &[], false),
             ("/v1/..x", &[], true),
+            ("/v1/.%2e", &[], false),
+            ("/v1/...", &[], true),
+            ("/v1/%2", &[], true),
+            ("/v1/file.txt", &[], true),
         ];
         for (path, headers, ok) in cases {
             assert_eq!(
