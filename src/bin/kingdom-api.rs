@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kingdom_edge::config::units::parse_size;
-use kingdom_edge::sidecar::{self, api, Faults, SidecarArgs};
+use kingdom_edge::sidecar::{self, api, SidecarArgs};
 
 #[derive(Parser)]
 #[command(name = "kingdom-api", version, about = "Kingdom Studios API service")]
@@ -31,17 +31,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = sidecar::finish(
+    sidecar::run(
+        "kingdom-api",
+        &cli.common,
         api::routes(service),
-        &cli.common.listen.to_string(),
-        Faults::from(&cli.common),
+        cli.max_body,
     )
-    .layer(axum::extract::DefaultBodyLimit::max(cli.max_body as usize));
-    match sidecar::serve(&cli.common, app).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kingdom-api: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    .await
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use kingdom_edge::config::units::{parse_duration, parse_size};
-use kingdom_edge::sidecar::{self, content, Faults, SidecarArgs};
+use kingdom_edge::sidecar::{self, content, SidecarArgs};
 
 #[derive(Parser)]
 #[command(
@@ -28,18 +28,6 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     sidecar::init_tracing(cli.common.exit_on_stdin_eof);
-    let service = content::ContentService::new(cli.generate_latency);
-    let app = sidecar::finish(
-        content::routes(service),
-        &cli.common.listen.to_string(),
-        Faults::from(&cli.common),
-    )
-    .layer(axum::extract::DefaultBodyLimit::max(cli.max_body as usize));
-    match sidecar::serve(&cli.common, app).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kingdom-content: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let routes = content::routes(content::ContentService::new(cli.generate_latency));
+    sidecar::run("kingdom-content", &cli.common, routes, cli.max_body).await
 }

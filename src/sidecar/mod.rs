@@ -5,6 +5,7 @@ pub mod api;
 pub mod content;
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -201,6 +202,21 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let Json(value) = Json::<T>::from_request(req, state).await?;
         Ok(JsonBody(value))
+    }
+}
+
+/// The whole life of a sidecar binary: `routes` wrapped by [`finish`] with a body limit,
+/// served until stopped. Returns the process exit code.
+pub async fn run(name: &str, args: &SidecarArgs, routes: Router, max_body: u64) -> ExitCode {
+    let app = finish(routes, &args.listen.to_string(), Faults::from(args)).layer(
+        axum::extract::DefaultBodyLimit::max(usize::try_from(max_body).unwrap_or(usize::MAX)),
+    );
+    match serve(args, app).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
