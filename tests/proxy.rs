@@ -329,3 +329,66 @@ async fn access_log_has_one_json_line_per_request() {
     assert!(line["duration_ms"].as_f64().is_some());
     assert!(line["time"].as_str().unwrap().ends_with('Z'));
 }
+
+/// Sends raw bytes and returns everything the proxy answers before closing (bounded).
+async fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(common::DEADLINE, stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the proxy kept a rejected connection open");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_the_connection_is_closed() {
+    let upstream = common::fake_upstream("never").await;
+    let p = free_ports(2);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+pools: {{ app: {{ backends: [{{ address: {upstream} }}] }} }}
+routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
+"#,
+        p[0], p[1]
+    );
+    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    let cases: &[&[u8]] = &[
+        b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"GET /ok/../admin HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /ok/%2e%2E/admin HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"THIS IS NOT HTTP\r\n\r\n",
+        b"GET /ok HTTP/1.1\r\nHost: a\r\nBad Header Name: x\r\n\r\n",
+    ];
+    for request in cases {
+        let answer = raw_exchange(edge.proxy, request).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{:?} got {answer:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    // Content-Length with Transfer-Encoding: framed by the encoding, and the connection is
+    // closed after the answer, so bytes smuggled behind the body are never read as a request.
+    let answer = raw_exchange(
+        edge.proxy,
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\n0"),
+        "the body was empty: {answer}"
+    );
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+
+    // The proxy still serves well-formed requests.
+    let answer = raw_exchange(
+        edge.proxy,
+        b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
