@@ -270,6 +270,15 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        // Pingora's error lines then carry the id the client and the access log see.
+        format!(
+            "{}, request_id: {}",
+            session.as_ref().request_summary(),
+            ctx.request_id
+        )
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
