@@ -139,7 +139,8 @@ impl Supervisor {
                 ),
             )
         })?;
-        let mut child = Command::new(&program)
+        let mut child = Command::new(&program.path)
+            .args(program.builtin)
             .arg("--listen")
             .arg(process.address.to_string())
             .arg("--exit-on-stdin-eof")
@@ -154,7 +155,7 @@ impl Supervisor {
         let pid = child.id().unwrap_or(0);
         process.pid.store(pid, Ordering::Release);
         *self.lock_running() += 1;
-        tracing::info!(sidecar = %process.sidecar.name, address = %process.address, pid, program = %program.display(), "sidecar started");
+        tracing::info!(sidecar = %process.sidecar.name, address = %process.address, pid, program = %program.path.display(), builtin = program.builtin.is_some(), "sidecar started");
         if let Some(out) = child.stdout.take() {
             tokio::spawn(relay(out, process.sidecar.name.clone(), process.address));
         }
@@ -208,19 +209,48 @@ impl Supervisor {
     }
 }
 
-/// Finds a sidecar binary: a path as given, else next to our own executable, else on PATH.
-pub fn resolve(command: &str) -> Option<PathBuf> {
+/// How to start a sidecar.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Program {
+    /// The executable.
+    pub path: PathBuf,
+    /// For a service built into `kingdom-edge` itself, the subcommand that runs it.
+    pub builtin: Option<&'static str>,
+}
+
+/// Finds a sidecar: a path as given; else a binary of that name next to our own executable,
+/// else on PATH; else, for `kingdom-content` and `kingdom-api`, the copy of the service built
+/// into this binary (so `cargo run` works before the sidecar binaries are built).
+pub fn resolve(command: &str) -> Option<Program> {
     if command.contains('/') {
-        return Some(PathBuf::from(command));
+        return Some(Program {
+            path: PathBuf::from(command),
+            builtin: None,
+        });
     }
-    let beside = std::env::current_exe()
-        .ok()
+    let exe = std::env::current_exe().ok();
+    let beside = exe
+        .as_ref()
         .and_then(|exe| exe.parent().map(|dir| dir.join(command)));
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
         .map(|dir| dir.join(command));
-    beside.into_iter().chain(on_path).find(|p| is_executable(p))
+    if let Some(path) = beside.into_iter().chain(on_path).find(|p| is_executable(p)) {
+        return Some(Program {
+            path,
+            builtin: None,
+        });
+    }
+    let builtin = match command {
+        "kingdom-content" => "content",
+        "kingdom-api" => "api",
+        _ => return None,
+    };
+    exe.map(|path| Program {
+        path,
+        builtin: Some(builtin),
+    })
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -242,8 +272,11 @@ mod tests {
 
     #[test]
     fn resolves_paths_and_path_lookups() {
-        assert_eq!(resolve("/bin/true"), Some(PathBuf::from("/bin/true")));
-        assert!(resolve("sh").is_some_and(|p| p.ends_with("sh")));
-        assert_eq!(resolve("no-such-binary-kingdom"), None);
+        let found = |command| resolve(command).map(|p| (p.path, p.builtin));
+        assert_eq!(found("/bin/true"), Some((PathBuf::from("/bin/true"), None)));
+        assert!(found("sh").is_some_and(|(p, b)| p.ends_with("sh") && b.is_none()));
+        assert_eq!(found("no-such-binary-kingdom"), None);
+        // Built into kingdom-edge, when no binary of that name is installed.
+        assert!(found("kingdom-api").is_some());
     }
 }

@@ -243,3 +243,51 @@ routes: [{ name: api, pool: api }]
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn sidecars_built_into_the_proxy_run_when_no_sidecar_binary_is_installed() {
+    // `cargo run` builds only kingdom-edge: copy it somewhere with no sidecar binaries beside it.
+    let lonely = tempfile::tempdir().unwrap();
+    let binary = lonely.path().join("kingdom-edge");
+    std::fs::copy(common::bin("kingdom-edge"), &binary).unwrap();
+    let p = free_ports(4);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{proxy} }}]
+admin: {{ address: 127.0.0.1:{admin} }}
+sidecars:
+  - {{ name: api, command: kingdom-api, addresses: [127.0.0.1:{api}], env: {{ KINGDOM_API_SECRET: integration-test-secret }} }}
+  - {{ name: content, command: kingdom-content, addresses: [127.0.0.1:{content}] }}
+pools:
+  api: {{ backends: [{{ address: 127.0.0.1:{api} }}] }}
+  content: {{ backends: [{{ address: 127.0.0.1:{content} }}] }}
+routes:
+  - {{ name: content, match: {{ path_prefix: /v1/content }}, pool: content }}
+  - {{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}
+"#,
+        proxy = p[0],
+        admin = p[1],
+        api = p[2],
+        content = p[3],
+    );
+    // PATH is left as it is: the test environment has no kingdom-* binaries on it.
+    let edge = Edge::start_binary(&binary, &yaml, addr(p[0]), addr(p[1])).await;
+    edge.wait_ready().await;
+    let http = client();
+    let echo = http.get(edge.url("/v1/echo")).send().await.unwrap();
+    assert_eq!(echo.status(), 200);
+    assert_eq!(
+        echo.headers()["x-instance"],
+        format!("127.0.0.1:{}", p[2]).as_str()
+    );
+    let templates: Value = http
+        .get(edge.url("/v1/content/templates"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(templates["templates"].as_array().unwrap().len(), 6);
+    assert_eq!(edge.stderr().matches("builtin=true").count(), 2, "both ran built in");
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kingdom_edge::config::ConfigError;
 use kingdom_edge::server::{self, StartError};
+use kingdom_edge::sidecar::{api, content};
 
 #[derive(Parser)]
 #[command(
@@ -27,12 +28,18 @@ enum Command {
     Run,
     /// Validate the config file: print a summary and exit 0, or every error and exit 1.
     Check,
+    /// Run the content service (the same as the `kingdom-content` binary).
+    Content(content::Args),
+    /// Run the API service (the same as the `kingdom-api` binary).
+    Api(api::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&cli.config),
+        Command::Content(args) => block_on(content::main(args)),
+        Command::Api(args) => block_on(api::main(args)),
         Command::Run => {
             init_tracing();
             match server::run(&cli.config) {
@@ -46,6 +53,16 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn block_on(service: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(service),
+        Err(e) => {
+            eprintln!("kingdom-edge: cannot start a runtime: {e}");
+            ExitCode::FAILURE
         }
     }
 }

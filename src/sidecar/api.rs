@@ -80,6 +80,33 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Command-line flags of the API service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: super::SidecarArgs,
+    /// Environment variable holding the token-signing secret (at least 16 bytes).
+    #[arg(long, default_value = "KINGDOM_API_SECRET")]
+    pub secret_env: String,
+    /// Largest accepted request body.
+    #[arg(long, default_value = "256KiB", value_parser = crate::config::units::parse_size)]
+    pub max_body: u64,
+}
+
+/// Runs the API service until it is stopped. Refuses to start without a usable secret.
+pub async fn main(args: Args) -> std::process::ExitCode {
+    super::init_tracing(args.common.exit_on_stdin_eof);
+    let secret = std::env::var(&args.secret_env).unwrap_or_default();
+    let service = match ApiService::new(secret.as_bytes()) {
+        Ok(service) => service,
+        Err(e) => {
+            eprintln!("kingdom-api: ${}: {e}", args.secret_env);
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    super::run("kingdom-api", &args.common, routes(service), args.max_body).await
+}
+
 /// The API routes (without `/healthz` and the shared layers; see [`super::finish`]).
 pub fn routes(service: Arc<ApiService>) -> Router {
     Router::new()

@@ -330,6 +330,26 @@ impl ContentService {
     }
 }
 
+/// Command-line flags of the content service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: super::SidecarArgs,
+    /// Simulated model time of one generation.
+    #[arg(long, default_value = "20ms", value_parser = crate::config::units::parse_duration)]
+    pub generate_latency: Duration,
+    /// Largest accepted request body.
+    #[arg(long, default_value = "64KiB", value_parser = crate::config::units::parse_size)]
+    pub max_body: u64,
+}
+
+/// Runs the content service until it is stopped.
+pub async fn main(args: Args) -> std::process::ExitCode {
+    super::init_tracing(args.common.exit_on_stdin_eof);
+    let routes = routes(ContentService::new(args.generate_latency));
+    super::run("kingdom-content", &args.common, routes, args.max_body).await
+}
+
 /// The content API (without `/healthz` and the shared layers; see [`super::finish`]).
 pub fn routes(service: Arc<ContentService>) -> Router {
     Router::new()

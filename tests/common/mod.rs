@@ -76,10 +76,20 @@ impl Edge {
     /// Writes `yaml` and starts the proxy; waits until the admin API answers `/health`.
     /// `proxy` and `admin` must be the addresses the YAML gives.
     pub async fn start(yaml: &str, proxy: SocketAddr, admin: SocketAddr) -> Edge {
+        Edge::start_binary(&bin("kingdom-edge"), yaml, proxy, admin).await
+    }
+
+    /// [`Edge::start`] with a given `kingdom-edge` executable.
+    pub async fn start_binary(
+        binary: &Path,
+        yaml: &str,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+    ) -> Edge {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("edge.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let child = Command::new(bin("kingdom-edge"))
+        let child = Command::new(binary)
             .arg("-c")
             .arg(&config)
             .current_dir(dir.path())
