@@ -2,17 +2,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Command;
 
-use common::{client, free_ports, wait_for, Edge};
+use common::{addr, client, free_ports, wait_for, Edge};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 fn sidecar_pid(status: &Value, address: &str) -> Option<i32> {
     status["sidecars"]
@@ -280,14 +275,11 @@ routes:
         echo.headers()["x-instance"],
         format!("127.0.0.1:{}", p[2]).as_str()
     );
-    let templates: Value = http
-        .get(edge.url("/v1/content/templates"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let templates = common::get_json(&edge.url("/v1/content/templates")).await;
     assert_eq!(templates["templates"].as_array().unwrap().len(), 6);
-    assert_eq!(edge.stderr().matches("builtin=true").count(), 2, "both ran built in");
+    assert_eq!(
+        edge.stderr().matches("builtin=true").count(),
+        2,
+        "both ran built in"
+    );
 }

@@ -6,12 +6,8 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use common::{client, free_ports, Edge};
+use common::{addr, client, free_ports, Edge};
 use serde_json::Value;
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 /// Proxy + admin + two api sidecars (3:1) + one content sidecar.
 async fn sidecar_edge() -> Edge {
@@ -46,14 +42,7 @@ async fn routes_by_prefix_and_method_and_splits_by_weight() {
     let edge = sidecar_edge().await;
     let http = client();
 
-    let templates: Value = http
-        .get(edge.url("/v1/content/templates"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let templates = common::get_json(&edge.url("/v1/content/templates")).await;
     assert_eq!(templates["templates"].as_array().unwrap().len(), 6);
 
     let mut seen: HashMap<String, usize> = HashMap::new();

@@ -5,13 +5,9 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{free_ports, Edge};
+use common::{addr, free_ports, Edge};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 struct Cert {
     pem: String,
