@@ -377,6 +377,8 @@ def main():
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the `finally` below stops every process started here.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     threads_list = [int(t) for t in args.threads.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="kingdom-bench-") as work:

@@ -13,6 +13,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::future::join_all;
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::snapshot::{ConfigStore, Snapshot};
@@ -115,8 +117,9 @@ async fn status(State(state): State<AdminState>) -> Json<Value> {
     Json(doc)
 }
 
-/// The config part of `/status`.
+/// The config part of `/status`, with each backend's live state.
 pub fn describe(snapshot: &Snapshot) -> Value {
+    let now = Instant::now();
     json!({
         "config": { "version": snapshot.version, "digest": snapshot.digest },
         "listeners": snapshot.listeners.iter().map(|l| json!({
@@ -135,10 +138,22 @@ pub fn describe(snapshot: &Snapshot) -> Value {
         "pools": snapshot.pools.iter().map(|p| json!({
             "name": p.name,
             "balance": p.balance,
-            "backends": p.backends.iter().map(|b| json!({
-                "address": b.label,
-                "weight": b.weight,
-            })).collect::<Vec<_>>(),
+            "health_checks": p.health.is_some(),
+            "outlier_detection": p.outlier.is_some(),
+            "in_flight": p.state.in_flight.load(AtomicOrdering::Relaxed),
+            "backends": p.backends.iter().enumerate().map(|(id, b)| {
+                let available = p.available(id, now);
+                let health = b.state.health().clone();
+                json!({
+                    "address": b.label,
+                    "weight": b.weight,
+                    "available": available,
+                    "healthy": health.healthy,
+                    "last_probe": health.last_probe,
+                    "breaker": b.state.breaker().state(now).name(),
+                    "in_flight": b.state.in_flight.load(AtomicOrdering::Relaxed),
+                })
+            }).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }

@@ -19,6 +19,15 @@ pub enum Rejection {
     /// The pool has no backend that can take the request.
     #[error("no upstream backend is available")]
     NoBackend,
+    /// The pool already has `limits.max_in_flight` requests in progress.
+    #[error("the service is at capacity, retry shortly")]
+    PoolSaturated,
+    /// Every backend is unhealthy or ejected and the pool fails closed.
+    #[error("no healthy upstream backend, retry shortly")]
+    NoHealthyBackend,
+    /// The pinned backend is unusable and stickiness is strict.
+    #[error("the session's backend is unavailable")]
+    StickyBackendUnavailable,
     /// The upstream could not be reached or broke the exchange.
     #[error("the upstream failed to answer")]
     UpstreamFailed,
@@ -38,6 +47,9 @@ impl Rejection {
             Rejection::NoRoute => 404,
             Rejection::BodyTooLarge => 413,
             Rejection::NoBackend | Rejection::UpstreamFailed => 502,
+            Rejection::PoolSaturated
+            | Rejection::NoHealthyBackend
+            | Rejection::StickyBackendUnavailable => 503,
             Rejection::UpstreamTimeout => 504,
             Rejection::Internal => 500,
         }
@@ -50,6 +62,9 @@ impl Rejection {
             Rejection::NoRoute => "no_route",
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::NoBackend => "no_backend",
+            Rejection::PoolSaturated => "pool_saturated",
+            Rejection::NoHealthyBackend => "no_healthy_backend",
+            Rejection::StickyBackendUnavailable => "sticky_backend_unavailable",
             Rejection::UpstreamFailed => "upstream_error",
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::Internal => "internal_error",

@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric family the proxy exports, registered in one registry.
@@ -19,6 +19,11 @@ pub struct Metrics {
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
     sidecar_restarts: IntCounterVec,
+    backend_healthy: IntGaugeVec,
+    backend_ejected: IntGaugeVec,
+    retries: IntCounterVec,
+    pool_rejected: IntCounterVec,
+    sticky_invalid: IntCounterVec,
 }
 
 /// Route label used for requests that matched no route (or were rejected before routing).
@@ -72,6 +77,37 @@ impl Metrics {
             &["sidecar", "address"],
         )
         .expect("static metric definition");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition")
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition")
+        };
+        let backend_healthy = gauge(
+            "kingdom_edge_backend_healthy",
+            "1 while the backend passes its health checks (always 1 without checks).",
+            &["pool", "backend"],
+        );
+        let backend_ejected = gauge(
+            "kingdom_edge_backend_ejected",
+            "1 while outlier detection keeps the backend out of rotation.",
+            &["pool", "backend"],
+        );
+        let retries = counter(
+            "kingdom_edge_retries_total",
+            "Upstream attempts that were retries.",
+            &["pool"],
+        );
+        let pool_rejected = counter(
+            "kingdom_edge_pool_rejected_total",
+            "Requests answered 503 by a pool: no_backend, max_in_flight, sticky_strict.",
+            &["pool", "reason"],
+        );
+        let sticky_invalid = counter(
+            "kingdom_edge_sticky_invalid_total",
+            "Sticky cookies ignored: malformed, bad_signature, expired.",
+            &["pool", "reason"],
+        );
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -79,6 +115,11 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(sidecar_restarts.clone()),
+            Box::new(backend_healthy.clone()),
+            Box::new(backend_ejected.clone()),
+            Box::new(retries.clone()),
+            Box::new(pool_rejected.clone()),
+            Box::new(sticky_invalid.clone()),
         ] {
             registry
                 .register(collector)
@@ -92,6 +133,36 @@ impl Metrics {
             in_flight,
             access_log_dropped,
             sidecar_restarts,
+            backend_healthy,
+            backend_ejected,
+            retries,
+            pool_rejected,
+            sticky_invalid,
+        }
+    }
+
+    /// `kingdom_edge_backend_healthy` for one backend.
+    pub fn backend_healthy(&self, pool: &str, backend: &str) -> IntGauge {
+        self.backend_healthy.with_label_values(&[pool, backend])
+    }
+
+    /// `kingdom_edge_backend_ejected` for one backend.
+    pub fn backend_ejected(&self, pool: &str, backend: &str) -> IntGauge {
+        self.backend_ejected.with_label_values(&[pool, backend])
+    }
+
+    /// Per-pool counters, resolved once per snapshot.
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        let rejected = |reason: &str| self.pool_rejected.with_label_values(&[pool, reason]);
+        let invalid = |reason: &str| self.sticky_invalid.with_label_values(&[pool, reason]);
+        PoolMetrics {
+            retries: self.retries.with_label_values(&[pool]),
+            rejected_no_backend: rejected("no_backend"),
+            rejected_max_in_flight: rejected("max_in_flight"),
+            rejected_sticky_strict: rejected("sticky_strict"),
+            sticky_malformed: invalid("malformed"),
+            sticky_bad_signature: invalid("bad_signature"),
+            sticky_expired: invalid("expired"),
         }
     }
 
@@ -164,6 +235,24 @@ impl RouteMetrics {
         })
         .inc();
     }
+}
+
+/// A pool's counters.
+pub struct PoolMetrics {
+    /// `kingdom_edge_retries_total{pool}`.
+    pub retries: IntCounter,
+    /// 503 because no backend could take the request.
+    pub rejected_no_backend: IntCounter,
+    /// 503 because `limits.max_in_flight` was reached.
+    pub rejected_max_in_flight: IntCounter,
+    /// 503 because a strict sticky pin was unusable.
+    pub rejected_sticky_strict: IntCounter,
+    /// Sticky cookies ignored, by reason.
+    pub sticky_malformed: IntCounter,
+    /// A forged or tampered sticky cookie.
+    pub sticky_bad_signature: IntCounter,
+    /// An expired sticky cookie.
+    pub sticky_expired: IntCounter,
 }
 
 /// The outcome of one upstream attempt.

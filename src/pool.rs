@@ -1,15 +1,36 @@
-//! Upstream pools: their backends, balancer and timeouts, compiled from `pools:`.
+//! Upstream pools, compiled from `pools:`: backends, balancer, timeouts, and the resilience
+//! policies (health checks, outlier detection, panic mode, limits, retries, slow start,
+//! sticky sessions). Backend choice and outcome bookkeeping live here; the policies' state
+//! machines live in their own modules.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::ops::RangeInclusive;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::balance::{BackendId, Balancer, SmoothWeightedRoundRobin};
-use crate::config::raw::{RawBalance, RawPool};
-use crate::config::Errors;
-use crate::metrics::{BackendMetrics, Metrics};
+use http::HeaderName;
+
+use crate::balance::{
+    BackendId, BackendView, Balancer, ConsistentHash, LeastConnections, SmoothWeightedRoundRobin,
+};
+use crate::config::raw::{
+    RawBalance, RawFailureKind, RawHashKey, RawHashSource, RawPanic, RawPool, RawProbeKind,
+    RawSameSite,
+};
+use crate::config::{CompileContext, Errors};
+use crate::health::{HealthPolicy, Probe};
+use crate::live::{BackendState, PoolState};
+use crate::metrics::{BackendMetrics, Outcome, PoolMetrics};
+use crate::outlier::{Admission, FailureKinds, OutlierPolicy, Transition};
+use crate::retry::RetryPolicy;
+use crate::slow_start;
+use crate::sticky::{SameSite, StickyPolicy};
 
 /// Upper bound for a backend weight, as in nginx (weights are relative, not capacities).
 pub const MAX_WEIGHT: u32 = 1000;
+/// Shortest accepted sticky secret.
+pub const MIN_STICKY_SECRET: usize = 16;
 
 /// A pool of interchangeable upstream backends.
 pub struct Pool {
@@ -20,20 +41,42 @@ pub struct Pool {
     /// The configured algorithm, for status output.
     pub balance: &'static str,
     balancer: Box<dyn Balancer>,
+    /// What `consistent_hash` hashes.
+    pub hash_key: HashKey,
     /// Per-attempt timeouts.
     pub timeouts: Timeouts,
+    /// Active checks; `None` trusts the backends.
+    pub health: Option<HealthPolicy>,
+    /// Passive outlier detection; `None` when turned off.
+    pub outlier: Option<OutlierPolicy>,
+    /// What happens when no backend is available.
+    pub panic: PanicMode,
+    /// Most requests in flight to the pool.
+    pub max_in_flight: Option<u64>,
+    /// When and how much to retry.
+    pub retries: RetryPolicy,
+    /// Weight ramp for joining or recovering backends.
+    pub slow_start: Option<Duration>,
+    /// Sticky sessions.
+    pub sticky: Option<StickyPolicy>,
+    /// Live state shared with the previous snapshots of this pool.
+    pub state: Arc<PoolState>,
+    /// Pool counters.
+    pub metrics: PoolMetrics,
 }
 
 /// One upstream address in a pool.
 pub struct Backend {
     /// Where requests go.
     pub address: SocketAddr,
-    /// The address as text, used as a label and in logs.
+    /// The address as text, used as a label, in logs and in sticky cookies.
     pub label: String,
-    /// Relative share of requests.
+    /// Configured relative share of requests.
     pub weight: u32,
-    /// Upstream outcome counters for this backend.
+    /// Upstream outcome counters.
     pub metrics: BackendMetrics,
+    /// Health, breaker, in-flight count.
+    pub state: Arc<BackendState>,
 }
 
 /// Timeouts for one upstream attempt.
@@ -49,15 +92,233 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
-impl Pool {
-    /// Chooses a backend for one request, or `None` when the pool has none usable.
-    pub fn select(&self) -> Option<BackendId> {
-        self.balancer.select(&|_| true)
+/// What `consistent_hash` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client address (after `trusted_proxies`).
+    ClientIp,
+    /// The request path.
+    Path,
+    /// A request header's value.
+    Header(HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+}
+
+/// What a pool does when none of its backends is available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanicMode {
+    /// Spread requests over every backend anyway.
+    FailOpen,
+    /// Answer 503 with `retry-after`.
+    FailClosed,
+}
+
+/// Why a pool could not give a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every backend was already tried for this request.
+    Exhausted,
+    /// No backend is available and the pool fails closed.
+    FailClosed,
+    /// The sticky pin is unusable and the pool's stickiness is strict.
+    StickyStrict,
+}
+
+/// The backend chosen for one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    /// Which backend.
+    pub id: BackendId,
+    /// This attempt is the half-open probe of the backend's breaker.
+    pub probe: bool,
+}
+
+struct View<'a> {
+    pool: &'a Pool,
+    now: Instant,
+    tried: &'a [BackendId],
+    /// Panic mode: health and ejection are ignored.
+    everyone: bool,
+}
+
+impl BackendView for View<'_> {
+    fn len(&self) -> usize {
+        self.pool.backends.len()
     }
 
+    fn usable(&self, id: BackendId) -> bool {
+        !self.tried.contains(&id) && (self.everyone || self.pool.available(id, self.now))
+    }
+
+    fn weight(&self, id: BackendId) -> u32 {
+        let b = &self.pool.backends[id];
+        slow_start::effective_weight(
+            b.weight,
+            b.state.available_since(),
+            self.pool.slow_start,
+            self.now,
+        )
+    }
+
+    fn in_flight(&self, id: BackendId) -> u64 {
+        self.pool.backends[id]
+            .state
+            .in_flight
+            .load(Ordering::Relaxed)
+    }
+}
+
+impl Pool {
     /// The backend with this id.
     pub fn backend(&self, id: BackendId) -> Option<&Backend> {
         self.backends.get(id)
+    }
+
+    /// The backend whose address is `label`.
+    pub fn find(&self, label: &str) -> Option<BackendId> {
+        self.backends.iter().position(|b| b.label == label)
+    }
+
+    /// Healthy (or unchecked) and not ejected.
+    pub fn available(&self, id: BackendId, now: Instant) -> bool {
+        let state = &self.backends[id].state;
+        state.health().healthy && (self.outlier.is_none() || state.breaker().usable(now))
+    }
+
+    /// Chooses a backend for one attempt: the sticky `pin` if usable, else the balancer's
+    /// pick among available backends not yet `tried`; when none is available, the panic mode
+    /// decides. The chosen backend's breaker admits the request (possibly as its probe).
+    pub fn choose(
+        &self,
+        now: Instant,
+        pin: Option<BackendId>,
+        key: Option<&[u8]>,
+        tried: &[BackendId],
+    ) -> Result<Choice, Unavailable> {
+        if let Some(pin) = pin.filter(|id| !tried.contains(id)) {
+            if self.available(pin, now) {
+                if let Some(choice) = self.admit(pin, now) {
+                    return Ok(choice);
+                }
+            }
+            if self.sticky.as_ref().is_some_and(|s| s.strict) {
+                return Err(Unavailable::StickyStrict);
+            }
+        }
+        let mut skip: Vec<BackendId> = tried.to_vec();
+        // A breaker may refuse between the view and the admission (another request took the
+        // probe): try the next choice, at most once per backend.
+        for _ in 0..self.backends.len() {
+            let view = View {
+                pool: self,
+                now,
+                tried: &skip,
+                everyone: false,
+            };
+            let Some(id) = self.balancer.select(&view, key) else {
+                break;
+            };
+            if let Some(choice) = self.admit(id, now) {
+                return Ok(choice);
+            }
+            skip.push(id);
+        }
+        if (0..self.backends.len()).any(|id| self.available(id, now) && !tried.contains(&id)) {
+            // Some backend is available but refused just now; do not panic over a race.
+            return Err(Unavailable::Exhausted);
+        }
+        if tried.len() >= self.backends.len() {
+            return Err(Unavailable::Exhausted);
+        }
+        match self.panic {
+            PanicMode::FailClosed => Err(Unavailable::FailClosed),
+            PanicMode::FailOpen => {
+                let view = View {
+                    pool: self,
+                    now,
+                    tried,
+                    everyone: true,
+                };
+                self.balancer
+                    .select(&view, key)
+                    .map(|id| Choice { id, probe: false })
+                    .ok_or(Unavailable::Exhausted)
+            }
+        }
+    }
+
+    fn admit(&self, id: BackendId, now: Instant) -> Option<Choice> {
+        if self.outlier.is_none() {
+            return Some(Choice { id, probe: false });
+        }
+        match self.backends[id].state.breaker().admit(now) {
+            Admission::Yes => Some(Choice { id, probe: false }),
+            Admission::Probe => Some(Choice { id, probe: true }),
+            Admission::No => None,
+        }
+    }
+
+    /// Records the outcome of one attempt: metrics, and the backend's breaker.
+    pub fn record(&self, id: BackendId, now: Instant, outcome: Outcome) {
+        let Some(backend) = self.backends.get(id) else {
+            return;
+        };
+        backend.metrics.record(outcome);
+        let Some(policy) = &self.outlier else { return };
+        let may_eject =
+            outcome == Outcome::Ok || self.ejected(now) < policy.ejection_cap(self.backends.len());
+        let transition = backend
+            .state
+            .breaker()
+            .on_result(now, outcome, policy, may_eject);
+        match transition {
+            Some(Transition::Ejected(length)) => {
+                backend.state.ejected_gauge.set(1);
+                backend.state.set_available(false, now);
+                tracing::warn!(pool = %self.name, backend = %backend.label, ?length, outcome = outcome.as_str(), "backend ejected");
+            }
+            Some(Transition::Closed) => {
+                backend.state.ejected_gauge.set(0);
+                backend.state.set_available(true, now);
+                tracing::info!(pool = %self.name, backend = %backend.label, "backend readmitted");
+            }
+            None => {}
+        }
+    }
+
+    /// A half-open probe that ended without an outcome.
+    pub fn abandon_probe(&self, id: BackendId) {
+        if let Some(backend) = self.backends.get(id) {
+            backend.state.breaker().probe_abandoned();
+        }
+    }
+
+    /// Records an active health probe of backend `id`.
+    pub fn record_probe(&self, id: BackendId, now: Instant, passed: bool, detail: String) {
+        let (Some(backend), Some(policy)) = (self.backends.get(id), &self.health) else {
+            return;
+        };
+        let changed = backend
+            .state
+            .health()
+            .on_probe(policy, passed, detail.clone());
+        if let Some(healthy) = changed {
+            backend.state.healthy_gauge.set(i64::from(healthy));
+            backend.state.set_available(healthy, now);
+            if healthy {
+                tracing::info!(pool = %self.name, backend = %backend.label, %detail, "backend healthy");
+            } else {
+                tracing::warn!(pool = %self.name, backend = %backend.label, %detail, "backend unhealthy");
+            }
+        }
+    }
+
+    fn ejected(&self, now: Instant) -> usize {
+        self.backends
+            .iter()
+            .filter(|b| b.state.breaker().is_ejected(now))
+            .count()
     }
 }
 
@@ -66,7 +327,7 @@ pub fn compile(
     name: &str,
     raw: &RawPool,
     path: &str,
-    metrics: &Metrics,
+    cx: &CompileContext,
     errors: &mut Errors,
 ) -> Option<Pool> {
     let start = errors.len();
@@ -76,6 +337,10 @@ pub fn compile(
             "a pool needs at least one backend",
         );
     }
+    let health = raw
+        .health_check
+        .as_ref()
+        .and_then(|h| compile_health(h, &format!("{path}.health_check"), errors));
     let mut backends: Vec<Backend> = Vec::with_capacity(raw.backends.len());
     for (i, backend) in raw.backends.iter().enumerate() {
         let at = format!("{path}.backends[{i}]");
@@ -99,7 +364,10 @@ pub fn compile(
         }
         let label = address.to_string();
         backends.push(Backend {
-            metrics: metrics.backend(name, &label),
+            metrics: cx.metrics.backend(name, &label),
+            state: cx
+                .live
+                .backend(name, address, health.is_some(), cx.metrics, cx.now),
             address,
             label,
             weight,
@@ -118,27 +386,320 @@ pub fn compile(
         ("read", timeouts.read),
         ("write", timeouts.write),
     ] {
-        if value.is_zero() {
-            errors.push(format!("{path}.timeouts.{key}"), "must be > 0 (got 0s)");
-        }
+        nonzero(errors, &format!("{path}.timeouts.{key}"), value);
+    }
+
+    let outlier = compile_outlier(raw, path, errors);
+    let retries = compile_retries(raw, path, errors);
+    let sticky = raw
+        .sticky
+        .as_ref()
+        .and_then(|s| compile_sticky(s, &format!("{path}.sticky"), cx, errors));
+    if let Some(0) = raw.limits.max_in_flight {
+        errors.push(
+            format!("{path}.limits.max_in_flight"),
+            "must be > 0 (got 0)",
+        );
+    }
+    if let Some(d) = raw.slow_start {
+        nonzero(errors, &format!("{path}.slow_start"), d.0);
+    }
+    let hash_key = match &raw.hash_key {
+        None | Some(RawHashKey::Named(RawHashSource::ClientIp)) => HashKey::ClientIp,
+        Some(RawHashKey::Named(RawHashSource::Path)) => HashKey::Path,
+        Some(RawHashKey::Cookie { cookie }) => HashKey::Cookie(cookie.clone()),
+        Some(RawHashKey::Header { header }) => match HeaderName::from_bytes(header.as_bytes()) {
+            Ok(h) => HashKey::Header(h),
+            Err(_) => {
+                errors.push(
+                    format!("{path}.hash_key.header"),
+                    format!("`{header}` is not a header name"),
+                );
+                HashKey::ClientIp
+            }
+        },
+    };
+    let balance = raw.balance.unwrap_or(RawBalance::WeightedRoundRobin);
+    if raw.hash_key.is_some() && balance != RawBalance::ConsistentHash {
+        errors.push(
+            format!("{path}.hash_key"),
+            "only used with `balance: consistent_hash`",
+        );
     }
 
     if errors.len() > start {
         return None;
     }
-    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
-    let (balance, balancer): (&'static str, Box<dyn Balancer>) =
-        match raw.balance.unwrap_or(RawBalance::WeightedRoundRobin) {
-            RawBalance::WeightedRoundRobin => (
-                "weighted_round_robin",
-                Box::new(SmoothWeightedRoundRobin::new(&weights)),
-            ),
-        };
+    let (balance, balancer): (&'static str, Box<dyn Balancer>) = match balance {
+        RawBalance::WeightedRoundRobin => (
+            "weighted_round_robin",
+            Box::new(SmoothWeightedRoundRobin::new(backends.len())),
+        ),
+        RawBalance::LeastConnections => ("least_connections", Box::new(LeastConnections)),
+        RawBalance::ConsistentHash => {
+            let ring: Vec<(SocketAddr, u32)> =
+                backends.iter().map(|b| (b.address, b.weight)).collect();
+            ("consistent_hash", Box::new(ConsistentHash::new(&ring)))
+        }
+    };
     Some(Pool {
         name: name.to_string(),
         backends,
         balance,
         balancer,
+        hash_key,
         timeouts,
+        health,
+        outlier,
+        panic: match raw.panic {
+            None | Some(RawPanic::FailOpen) => PanicMode::FailOpen,
+            Some(RawPanic::FailClosed) => PanicMode::FailClosed,
+        },
+        max_in_flight: raw.limits.max_in_flight,
+        retries,
+        slow_start: raw.slow_start.map(|d| d.0),
+        sticky,
+        state: cx.live.pool(name),
+        metrics: cx.metrics.pool(name),
     })
 }
+
+fn nonzero(errors: &mut Errors, path: &str, value: Duration) {
+    if value.is_zero() {
+        errors.push(path, "must be > 0 (got 0s)");
+    }
+}
+
+fn compile_health(
+    raw: &crate::config::raw::RawHealthCheck,
+    path: &str,
+    errors: &mut Errors,
+) -> Option<HealthPolicy> {
+    let start = errors.len();
+    let interval = raw.interval.map_or(Duration::from_secs(2), |d| d.0);
+    let timeout = raw.timeout.map_or(Duration::from_secs(1), |d| d.0);
+    nonzero(errors, &format!("{path}.interval"), interval);
+    nonzero(errors, &format!("{path}.timeout"), timeout);
+    let (rise, fall) = (raw.rise.unwrap_or(2), raw.fall.unwrap_or(3));
+    for (key, value) in [("rise", rise), ("fall", fall)] {
+        if value == 0 {
+            errors.push(format!("{path}.{key}"), "must be > 0 (got 0)");
+        }
+    }
+    let probe = match raw.kind.unwrap_or(RawProbeKind::Http) {
+        RawProbeKind::Tcp => {
+            for (key, set) in [
+                ("path", raw.path.is_some()),
+                ("host", raw.host.is_some()),
+                ("expected_statuses", raw.expected_statuses.is_some()),
+            ] {
+                if set {
+                    errors.push(format!("{path}.{key}"), "only used with `type: http`");
+                }
+            }
+            Probe::Tcp
+        }
+        RawProbeKind::Http => {
+            let check_path = raw.path.clone().unwrap_or_else(|| "/healthz".to_string());
+            if !check_path.starts_with('/') {
+                errors.push(
+                    format!("{path}.path"),
+                    format!("must start with `/` (got `{check_path}`)"),
+                );
+            }
+            let mut statuses = Vec::new();
+            for (i, value) in raw.expected_statuses.iter().flatten().enumerate() {
+                match status_range(value) {
+                    Some(range) => statuses.push(range),
+                    None => errors.push(
+                        format!("{path}.expected_statuses[{i}]"),
+                        "must be a status (200), a range (\"200-399\") or a class (\"2xx\")",
+                    ),
+                }
+            }
+            if statuses.is_empty() {
+                statuses.push(200..=399);
+            }
+            Probe::Http {
+                path: check_path,
+                host: raw.host.clone(),
+                statuses,
+            }
+        }
+    };
+    (errors.len() == start).then_some(HealthPolicy {
+        probe,
+        interval,
+        timeout,
+        rise,
+        fall,
+    })
+}
+
+fn status_range(value: &serde_yaml::Value) -> Option<RangeInclusive<u16>> {
+    let valid = |r: RangeInclusive<u16>| {
+        (100 <= *r.start() && r.start() <= r.end() && *r.end() <= 599).then_some(r)
+    };
+    if let Some(n) = value.as_u64() {
+        let n = u16::try_from(n).ok()?;
+        return valid(n..=n);
+    }
+    let text = value.as_str()?;
+    if let Some(class) = text.strip_suffix("xx") {
+        let digit: u16 = class.parse().ok()?;
+        return valid(digit * 100..=digit * 100 + 99);
+    }
+    let (low, high) = text.split_once('-')?;
+    valid(low.trim().parse().ok()?..=high.trim().parse().ok()?)
+}
+
+fn compile_outlier(raw: &RawPool, path: &str, errors: &mut Errors) -> Option<OutlierPolicy> {
+    let o = &raw.outlier;
+    let at = format!("{path}.outlier");
+    let consecutive_failures = o.consecutive_failures.unwrap_or(5);
+    if consecutive_failures == 0 {
+        errors.push(
+            format!("{at}.consecutive_failures"),
+            "must be > 0 (got 0); use `enabled: false` to turn detection off",
+        );
+    }
+    let base_ejection = o.base_ejection.map_or(Duration::from_secs(10), |d| d.0);
+    let max_ejection = o.max_ejection.map_or(Duration::from_secs(300), |d| d.0);
+    nonzero(errors, &format!("{at}.base_ejection"), base_ejection);
+    if max_ejection < base_ejection {
+        errors.push(
+            format!("{at}.max_ejection"),
+            "must be at least base_ejection",
+        );
+    }
+    let max_ejected_percent = o.max_ejected_percent.unwrap_or(50);
+    if max_ejected_percent > 100 {
+        errors.push(
+            format!("{at}.max_ejected_percent"),
+            format!("must be 0 to 100 (got {max_ejected_percent})"),
+        );
+    }
+    let kinds = o.count.clone().unwrap_or_else(|| {
+        vec![
+            RawFailureKind::ConnectErrors,
+            RawFailureKind::Timeouts,
+            RawFailureKind::Http5xx,
+        ]
+    });
+    let count = FailureKinds {
+        connect_errors: kinds.contains(&RawFailureKind::ConnectErrors),
+        timeouts: kinds.contains(&RawFailureKind::Timeouts),
+        http_5xx: kinds.contains(&RawFailureKind::Http5xx),
+    };
+    o.enabled.unwrap_or(true).then_some(OutlierPolicy {
+        consecutive_failures,
+        base_ejection,
+        max_ejection,
+        max_ejected_percent,
+        count,
+    })
+}
+
+fn compile_retries(raw: &RawPool, path: &str, errors: &mut Errors) -> RetryPolicy {
+    let r = &raw.retries;
+    let at = format!("{path}.retries");
+    let policy = RetryPolicy {
+        attempts: r.attempts.unwrap_or(2),
+        backoff_base: r.backoff.base.map_or(Duration::from_millis(25), |d| d.0),
+        backoff_max: r.backoff.max.map_or(Duration::from_millis(250), |d| d.0),
+        budget_percent: r.budget_percent.unwrap_or(20),
+        min_concurrency: r.min_concurrency.unwrap_or(3),
+    };
+    if policy.attempts > 10 {
+        errors.push(
+            format!("{at}.attempts"),
+            format!("must be 0 to 10 (got {})", policy.attempts),
+        );
+    }
+    if policy.backoff_max < policy.backoff_base {
+        errors.push(format!("{at}.backoff.max"), "must be at least backoff.base");
+    }
+    if policy.budget_percent > 100 {
+        errors.push(
+            format!("{at}.budget_percent"),
+            format!("must be 0 to 100 (got {})", policy.budget_percent),
+        );
+    }
+    policy
+}
+
+fn compile_sticky(
+    raw: &crate::config::raw::RawSticky,
+    path: &str,
+    cx: &CompileContext,
+    errors: &mut Errors,
+) -> Option<StickyPolicy> {
+    let valid_name = !raw.cookie.is_empty()
+        && raw
+            .cookie
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !valid_name {
+        errors.push(
+            format!("{path}.cookie"),
+            format!("`{}` is not a cookie name (A-Z a-z 0-9 _ - .)", raw.cookie),
+        );
+    }
+    let ttl = raw.ttl.map_or(Duration::from_secs(1800), |d| d.0);
+    if ttl < Duration::from_secs(1) {
+        errors.push(format!("{path}.ttl"), "must be at least 1s");
+    }
+    let secret = match (&raw.secret, &raw.secret_env) {
+        (Some(_), Some(_)) => {
+            errors.push(
+                format!("{path}.secret"),
+                "give `secret` or `secret_env`, not both",
+            );
+            None
+        }
+        (Some(secret), None) => Some(secret.clone()),
+        (None, Some(var)) => {
+            let value = (cx.env)(var);
+            if value.is_none() {
+                errors.push(
+                    format!("{path}.secret_env"),
+                    format!("environment variable `{var}` is not set"),
+                );
+            }
+            value
+        }
+        (None, None) => {
+            errors.push(path, "needs `secret_env` (or `secret`) to sign its cookies");
+            None
+        }
+    };
+    if let Some(secret) = &secret {
+        if secret.len() < MIN_STICKY_SECRET {
+            let key = if raw.secret.is_some() {
+                "secret"
+            } else {
+                "secret_env"
+            };
+            errors.push(
+                format!("{path}.{key}"),
+                format!("the secret must be at least {MIN_STICKY_SECRET} bytes"),
+            );
+        }
+    }
+    let same_site = match raw.same_site {
+        None | Some(RawSameSite::Lax) => SameSite::Lax,
+        Some(RawSameSite::Strict) => SameSite::Strict,
+        Some(RawSameSite::None) => SameSite::None,
+    };
+    let secret = secret.filter(|s| s.len() >= MIN_STICKY_SECRET && valid_name)?;
+    Some(StickyPolicy::new(
+        raw.cookie.clone(),
+        ttl,
+        same_site,
+        raw.strict.unwrap_or(false),
+        secret.as_bytes(),
+    ))
+}
+
+#[cfg(test)]
+mod tests;

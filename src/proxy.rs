@@ -1,24 +1,27 @@
 //! The request pipeline: Pingora's `ProxyHttp` hooks in the order they run. Each phase is a
 //! few lines that call the module owning the policy.
 //!
-//! | phase                     | what happens                                             |
-//! |---------------------------|----------------------------------------------------------|
-//! | `new_ctx`                 | take the config snapshot, count the request in flight    |
-//! | `early_request_filter`    | request id, client address, framing and path sanity      |
-//! | `request_filter`          | route by host + path prefix + method, or 404; body limit |
-//! | `request_body_filter`     | count body bytes against the route's `max_body` (413)    |
-//! | `upstream_peer`           | pick a backend from the route's pool, set timeouts       |
-//! | `upstream_request_filter` | `X-Forwarded-*`, `x-request-id`                          |
-//! | `fail_to_connect`         | no retry yet: the attempt's error becomes the answer     |
-//! | `response_filter`         | `x-request-id`; drop `Server`, `X-Powered-By`            |
-//! | `fail_to_proxy`           | JSON error (400/404/502/504) with the request id         |
-//! | `logging`                 | metrics and one access-log line                          |
+//! | phase                      | what happens                                                |
+//! |----------------------------|-------------------------------------------------------------|
+//! | `new_ctx`                  | take the config snapshot, count the request in flight       |
+//! | `early_request_filter`     | request id, client address, framing and path sanity         |
+//! | `request_filter`           | route (or 404), body limit, pool admission, sticky cookie   |
+//! | `request_body_filter`      | count body bytes against the route's `max_body` (413)       |
+//! | `upstream_peer`            | backoff before a retry; pick a backend (pin, balancer,      |
+//! |                            | panic mode) admitted by its breaker; set timeouts           |
+//! | `upstream_request_filter`  | `X-Forwarded-*`, `x-request-id`                             |
+//! | `fail_to_connect`          | record the failure; retry (any method) if the budget allows |
+//! | `upstream_response_filter` | record the outcome; retry an idempotent 502/503/504         |
+//! | `error_while_proxy`        | record a reset or timeout; retry only replayable requests   |
+//! | `response_filter`          | `x-request-id`, sticky `Set-Cookie`; drop `Server`          |
+//! | `fail_to_proxy`            | JSON error (400/404/413/502/503/504) with the request id    |
+//! | `logging`                  | metrics and one access-log line                             |
 //!
 //! Hop-by-hop headers are stripped by Pingora's standard upstream request policy, which also
 //! forwards WebSocket upgrades.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -27,24 +30,27 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use prometheus::IntGauge;
 
 use crate::access_log::{self, AccessLog, Entry};
 use crate::balance::BackendId;
 use crate::errors::Rejection;
 use crate::forwarded::{self, Forwarded, Incoming};
+use crate::live::{InFlight as BackendInFlight, PoolRequest};
 use crate::metrics::{Metrics, Outcome};
+use crate::pool::{Choice, HashKey, Pool, Unavailable};
 use crate::request_id;
 use crate::route::Route;
 use crate::snapshot::{ConfigStore, Snapshot};
+use crate::sticky::Invalid;
 
 /// The proxy for one listener.
 pub struct EdgeProxy {
     store: Arc<ConfigStore>,
     metrics: Arc<Metrics>,
     access_log: Arc<AccessLog>,
-    /// Whether this listener terminates TLS (for `X-Forwarded-Proto`).
+    /// Whether this listener terminates TLS (for `X-Forwarded-Proto` and `Secure` cookies).
     tls: bool,
 }
 
@@ -72,11 +78,52 @@ pub struct RequestCtx {
     request_id: String,
     forwarded: Option<Forwarded>,
     route: Option<Arc<Route>>,
-    backend: Option<BackendId>,
-    attempts: u32,
     body_bytes: u64,
     rejection: Option<Rejection>,
+    /// Held while the request is in its pool: `max_in_flight` and the retry budget.
+    pool_request: Option<PoolRequest>,
+    /// The backend a valid sticky cookie names.
+    pin: Option<BackendId>,
+    /// Backends tried so far, in order; the last is the current attempt's.
+    tried: Vec<BackendId>,
+    /// The current attempt.
+    choice: Option<Choice>,
+    /// Whether the current attempt's outcome has been recorded.
+    recorded: bool,
+    /// A 5xx answer that `upstream_response_filter` turned into a retry.
+    retrying_status: bool,
+    /// Held while an attempt is in flight to its backend.
+    backend_in_flight: Option<BackendInFlight>,
     _in_flight: InFlight,
+}
+
+impl RequestCtx {
+    fn pool(&self) -> Option<&Arc<Pool>> {
+        self.route.as_ref().map(|r| &r.pool)
+    }
+
+    fn attempts(&self) -> u32 {
+        self.tried.len() as u32
+    }
+
+    /// Records the current attempt's outcome once.
+    fn record(&mut self, outcome: Outcome) {
+        if let (Some(choice), false, Some(pool)) = (self.choice, self.recorded, self.pool()) {
+            pool.record(choice.id, Instant::now(), outcome);
+            self.recorded = true;
+        }
+    }
+
+    /// Whether another attempt is allowed: attempts left, and room in the pool's budget.
+    fn may_retry(&mut self) -> bool {
+        let Some(pool) = self.route.as_ref().map(|r| r.pool.clone()) else {
+            return false;
+        };
+        let Some(request) = self.pool_request.as_mut() else {
+            return false;
+        };
+        self.tried.len() as u32 <= pool.retries.attempts && request.try_retry(&pool.retries)
+    }
 }
 
 /// Counts a request in `kingdom_edge_in_flight` for exactly as long as it lives, on every
@@ -107,10 +154,15 @@ impl ProxyHttp for EdgeProxy {
             request_id: String::new(),
             forwarded: None,
             route: None,
-            backend: None,
-            attempts: 0,
             body_bytes: 0,
             rejection: None,
+            pool_request: None,
+            pin: None,
+            tried: Vec::new(),
+            choice: None,
+            recorded: false,
+            retrying_status: false,
+            backend_in_flight: None,
             _in_flight: InFlight::new(&self.metrics.in_flight),
         }
     }
@@ -151,16 +203,22 @@ impl ProxyHttp for EdgeProxy {
         let Some(route) = route else {
             return answer(session, ctx, Rejection::NoRoute).await;
         };
-        let declared = session
-            .req_header()
+        let declared = req
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let too_large = matches!((route.max_body, declared), (Some(max), Some(len)) if len > max);
+        let pool = route.pool.clone();
         ctx.route = Some(route);
         if too_large {
             return answer(session, ctx, Rejection::BodyTooLarge).await;
         }
+        let Some(request) = pool.state.start(pool.max_in_flight) else {
+            pool.metrics.rejected_max_in_flight.inc();
+            return answer(session, ctx, Rejection::PoolSaturated).await;
+        };
+        ctx.pool_request = Some(request);
+        ctx.pin = sticky_pin(&pool, session.req_header());
         Ok(false)
     }
 
@@ -181,17 +239,43 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some(pool) = ctx.route.as_ref().map(|r| &r.pool) else {
+        let Some(pool) = ctx.pool().cloned() else {
             return reject(ctx, Rejection::Internal);
         };
-        let Some((id, backend)) = pool.select().and_then(|id| Some((id, pool.backend(id)?))) else {
-            return reject(ctx, Rejection::NoBackend);
+        let retry = ctx.attempts();
+        if retry > 0 {
+            pool.metrics.retries.inc();
+            tokio::time::sleep(pool.retries.backoff(retry, fastrand::f64())).await;
+        }
+        let key = hash_key(&pool, session.req_header(), ctx.forwarded.as_ref());
+        // Each attempt goes to a backend not tried yet, unless every one has been.
+        let fresh = ctx.tried.len() < pool.backends.len();
+        let exclude: &[BackendId] = if fresh { &ctx.tried } else { &[] };
+        let choice = match pool.choose(Instant::now(), ctx.pin, key.as_deref(), exclude) {
+            Ok(choice) => choice,
+            Err(why) => {
+                let rejection = match why {
+                    Unavailable::Exhausted => Rejection::NoBackend,
+                    Unavailable::FailClosed => Rejection::NoHealthyBackend,
+                    Unavailable::StickyStrict => Rejection::StickyBackendUnavailable,
+                };
+                match why {
+                    Unavailable::StickyStrict => pool.metrics.rejected_sticky_strict.inc(),
+                    _ => pool.metrics.rejected_no_backend.inc(),
+                }
+                return reject(ctx, rejection);
+            }
         };
-        ctx.backend = Some(id);
-        ctx.attempts += 1;
+        let Some(backend) = pool.backend(choice.id) else {
+            return reject(ctx, Rejection::Internal);
+        };
+        ctx.tried.push(choice.id);
+        ctx.choice = Some(choice);
+        ctx.recorded = false;
+        ctx.backend_in_flight = Some(backend.state.start_request());
         let mut peer = HttpPeer::new(backend.address, false, String::new());
         let t = pool.timeouts;
         peer.options.connection_timeout = Some(t.connect);
@@ -225,12 +309,68 @@ impl ProxyHttp for EdgeProxy {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Retries with a budget are a pool policy of their own; until a pool asks for them,
-        // a failed connect is the answer.
-        e.set_retry(false);
+        let failure = match outcome(Some(&e), 0) {
+            Outcome::Timeout => Outcome::Timeout,
+            _ => Outcome::ConnectError,
+        };
+        ctx.record(failure);
+        // Nothing reached the upstream: any method may be retried.
+        let retry = ctx.may_retry();
+        e.set_retry(retry);
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if response.status.is_informational() {
+            return Ok(());
+        }
+        let status = response.status.as_u16();
+        ctx.record(outcome(None, status));
+        if matches!(status, 502..=504) && replayable(session) && ctx.may_retry() {
+            ctx.retrying_status = true;
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying an upstream 5xx");
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.retrying_status) {
+            return e;
+        }
+        let stale = client_reused && matches!(e.retry, RetryType::ReusedOnly);
+        let retry = if stale {
+            // A pooled keep-alive connection the upstream had already closed: not the
+            // backend's fault, and safe to resend on a new connection.
+            if let (Some(choice), Some(pool)) = (ctx.choice, ctx.pool()) {
+                if choice.probe {
+                    pool.abandon_probe(choice.id);
+                }
+            }
+            ctx.recorded = true;
+            replayable(session)
+        } else {
+            ctx.record(outcome(Some(&e), 0));
+            replayable(session) && ctx.may_retry()
+        };
+        e.set_retry(retry);
         e
     }
 
@@ -243,6 +383,13 @@ impl ProxyHttp for EdgeProxy {
         response.remove_header(&header::SERVER);
         response.remove_header("x-powered-by");
         response.insert_header("x-request-id", &ctx.request_id)?;
+        if let (Some(choice), Some(pool)) = (ctx.choice, ctx.pool()) {
+            if let (Some(sticky), Some(backend)) = (&pool.sticky, pool.backend(choice.id)) {
+                // Sliding expiry: every response through the pool renews the session.
+                let value = sticky.encode(&backend.label, unix_now());
+                response.append_header(header::SET_COOKIE, sticky.set_cookie(&value, self.tls))?;
+            }
+        }
         Ok(())
     }
 
@@ -280,6 +427,21 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // An attempt that never got an outcome: the upstream broke mid-response, or the
+        // client left first (then a half-open probe must not stay claimed).
+        if let (Some(choice), false) = (ctx.choice, ctx.recorded) {
+            match e {
+                Some(e) if e.esource() == &ErrorSource::Upstream => ctx.record(outcome(Some(e), 0)),
+                _ if choice.probe => {
+                    if let Some(pool) = ctx.pool() {
+                        pool.abandon_probe(choice.id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        ctx.backend_in_flight = None;
+
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let route_metrics = ctx
@@ -288,15 +450,11 @@ impl ProxyHttp for EdgeProxy {
             .map_or(&ctx.snapshot.unrouted, |r| &r.metrics);
         route_metrics.observe(status, elapsed.as_secs_f64());
 
-        let pool = ctx.route.as_ref().map(|r| &r.pool);
-        let backend = ctx.backend.and_then(|id| pool?.backend(id));
-        if let Some(backend) = backend {
-            backend.metrics.record(outcome(e, status));
-        }
-
         if !self.access_log.enabled() {
             return;
         }
+        let pool = ctx.pool();
+        let backend = ctx.choice.and_then(|c| pool?.backend(c.id));
         let req = session.req_header();
         self.access_log.log(&Entry {
             time: access_log::now_rfc3339(),
@@ -311,10 +469,68 @@ impl ProxyHttp for EdgeProxy {
             route: ctx.route.as_ref().map(|r| r.name.as_str()),
             pool: pool.map(|p| p.name.as_str()),
             backend: backend.map(|b| b.label.as_str()),
-            attempts: ctx.attempts,
+            attempts: ctx.attempts(),
             error: ctx.rejection.map(Rejection::code),
         });
     }
+}
+
+/// Whether the request can be sent again: an idempotent method whose body (if any) is still
+/// held in Pingora's retry buffer.
+fn replayable(session: &Session) -> bool {
+    session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated()
+}
+
+/// The backend a valid sticky cookie pins the request to; invalid cookies are counted and
+/// ignored.
+fn sticky_pin(pool: &Pool, req: &RequestHeader) -> Option<BackendId> {
+    let sticky = pool.sticky.as_ref()?;
+    let value = req
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|cookies| sticky.find(cookies))?;
+    match sticky.decode(value, unix_now()) {
+        // A backend gone after a reload simply has no id: the balancer re-pins.
+        Ok(label) => pool.find(&label),
+        Err(why) => {
+            match why {
+                Invalid::Malformed => &pool.metrics.sticky_malformed,
+                Invalid::BadSignature => &pool.metrics.sticky_bad_signature,
+                Invalid::Expired => &pool.metrics.sticky_expired,
+            }
+            .inc();
+            None
+        }
+    }
+}
+
+/// The consistent-hash key of a request, for pools that hash.
+fn hash_key(pool: &Pool, req: &RequestHeader, forwarded: Option<&Forwarded>) -> Option<Vec<u8>> {
+    if pool.balance != "consistent_hash" {
+        return None;
+    }
+    match &pool.hash_key {
+        HashKey::ClientIp => forwarded.map(|f| f.client_ip.to_string().into_bytes()),
+        HashKey::Path => Some(req.uri.path().as_bytes().to_vec()),
+        HashKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes().to_vec()),
+        HashKey::Cookie(name) => req
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|cookies| cookies.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_bytes().to_vec()),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Records why the proxy answers itself and stops the pipeline with the matching status.
@@ -338,6 +554,9 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) 
     header.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(header::CACHE_CONTROL, "no-store")?;
     header.insert_header("x-request-id", &ctx.request_id)?;
+    if rejection.status() == 503 {
+        header.insert_header(header::RETRY_AFTER, "1")?;
+    }
     session.set_keepalive(None);
     session
         .write_response_header(Box::new(header), false)
@@ -347,17 +566,14 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) 
 
 /// How the last upstream attempt went.
 fn outcome(e: Option<&Error>, status: u16) -> Outcome {
-    match e.map(|e| (e.etype(), e.esource())) {
+    use ErrorType::*;
+    match e.map(Error::etype) {
         None if status >= 500 => Outcome::Http5xx,
         None => Outcome::Ok,
-        Some((
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
-            _,
-        )) => Outcome::Timeout,
-        Some((
-            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError,
-            _,
-        )) => Outcome::ConnectError,
+        Some(ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => {
+            Outcome::Timeout
+        }
+        Some(ConnectRefused | ConnectNoRoute | ConnectError) => Outcome::ConnectError,
         Some(_) => Outcome::Error,
     }
 }

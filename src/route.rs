@@ -240,12 +240,14 @@ mod tests {
         );
         let raw: RawConfig = serde_yaml::from_str(&yaml).unwrap();
         let metrics = Metrics::new();
+        let live = crate::live::LiveState::default();
+        let cx = crate::config::CompileContext::new(&metrics, &live);
         let mut errors = Errors::default();
         let pools: Vec<Arc<Pool>> = raw
             .pools
             .iter()
             .map(|(name, p)| {
-                Arc::new(crate::pool::compile(name, p, "pools", &metrics, &mut errors).unwrap())
+                Arc::new(crate::pool::compile(name, p, "pools", &cx, &mut errors).unwrap())
             })
             .collect();
         let router = compile(&raw.routes, &pools, &["a", "b"], &metrics, &mut errors);

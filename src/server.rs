@@ -15,7 +15,9 @@ use pingora::services::background::{background_service, BackgroundService};
 
 use crate::access_log::AccessLog;
 use crate::admin::{self, AdminState};
-use crate::config::{self, ConfigError};
+use crate::config::{self, CompileContext, ConfigError};
+use crate::health;
+use crate::live::LiveState;
 use crate::metrics::Metrics;
 use crate::proxy::EdgeProxy;
 use crate::shutdown::Drain;
@@ -44,7 +46,8 @@ pub enum StartError {
 /// Loads and fully validates a config file, including reading the TLS certificates, without
 /// starting anything. This is what `kingdom-edge check` runs.
 pub fn check(path: &Path) -> Result<Snapshot, Vec<ConfigError>> {
-    let snapshot = config::load(path, &Metrics::new())?;
+    let (metrics, live) = (Metrics::new(), LiveState::default());
+    let snapshot = config::load(path, &CompileContext::new(&metrics, &live))?;
     let errors: Vec<ConfigError> = snapshot
         .listeners
         .iter()
@@ -63,7 +66,9 @@ pub fn check(path: &Path) -> Result<Snapshot, Vec<ConfigError>> {
 /// exits, SIGINT exits at once.
 pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let snapshot = config::load(path, &metrics).map_err(StartError::Config)?;
+    let live = Arc::new(LiveState::default());
+    let snapshot =
+        config::load(path, &CompileContext::new(&metrics, &live)).map_err(StartError::Config)?;
 
     let mut tls_settings = Vec::new();
     let mut errors = Vec::new();
@@ -145,6 +150,13 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         Task(Box::new({
             let supervisor = supervisor.clone();
             move || Box::pin(supervisor.clone().run())
+        })),
+    ));
+    server.add_service(background_service(
+        "health checks",
+        Task(Box::new({
+            let store = store.clone();
+            move || Box::pin(health::run(store.clone()))
         })),
     ));
     if let Some(listener) = admin_listener {

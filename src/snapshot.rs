@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use ring::digest;
 
 use crate::config::raw::RawConfig;
-use crate::config::Errors;
-use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
+use crate::config::{CompileContext, Errors};
+use crate::metrics::{RouteMetrics, NO_ROUTE};
 use crate::pool::{self, Pool};
 use crate::route::{self, Router};
 
@@ -117,11 +117,12 @@ pub enum AccessLogOutput {
     File(PathBuf),
 }
 
-/// Compiles a parsed file. Pure: no I/O, no clock. `None` or a non-empty `errors` means failure.
+/// Compiles a parsed file: no I/O, and the time and environment come from `cx`. `None` or a
+/// non-empty `errors` means failure.
 pub fn compile(
     raw: &RawConfig,
     text: &str,
-    metrics: &Metrics,
+    cx: &CompileContext,
     errors: &mut Errors,
 ) -> Option<Snapshot> {
     let server = compile_server(raw, errors);
@@ -212,14 +213,14 @@ pub fn compile(
     let pools: Vec<Arc<Pool>> = raw
         .pools
         .iter()
-        .filter_map(|(name, p)| pool::compile(name, p, &format!("pools.{name}"), metrics, errors))
+        .filter_map(|(name, p)| pool::compile(name, p, &format!("pools.{name}"), cx, errors))
         .map(Arc::new)
         .collect();
     if raw.routes.is_empty() {
         errors.push("routes", "at least one route is needed");
     }
     let declared: Vec<&str> = raw.pools.keys().map(String::as_str).collect();
-    let router = route::compile(&raw.routes, &pools, &declared, metrics, errors);
+    let router = route::compile(&raw.routes, &pools, &declared, cx.metrics, errors);
 
     let access_log = match raw.access_log.output.as_deref() {
         None | Some("stdout") => AccessLogOutput::Stdout,
@@ -245,7 +246,7 @@ pub fn compile(
         pools,
         router,
         access_log,
-        unrouted: metrics.route(NO_ROUTE),
+        unrouted: cx.metrics.route(NO_ROUTE),
     })
 }
 

@@ -267,15 +267,17 @@ access_log: {{ output: access.log }}
     let ready: Value = ready.json().await.unwrap();
     assert_eq!(ready["unreachable_pools"], serde_json::json!(["dead"]));
 
+    // Both failures were retried twice (the default), on the pools' only backend.
     let metrics = edge.metrics().await;
     assert!(
-        metrics.contains(r#"outcome="connect_error",pool="dead"} 1"#),
+        metrics.contains(r#"outcome="connect_error",pool="dead"} 3"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"outcome="timeout",pool="slow"} 1"#),
+        metrics.contains(r#"outcome="timeout",pool="slow"} 3"#),
         "{metrics}"
     );
+    assert!(metrics.contains(r#"kingdom_edge_retries_total{pool="dead"} 2"#));
     assert!(metrics.contains(r#"kingdom_edge_requests_total{code="413",route="upload"} 2"#));
 
     // access_log.output names a file (relative to the working directory).

@@ -10,12 +10,44 @@ pub mod units;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Instant;
 
+use crate::live::LiveState;
 use crate::metrics::Metrics;
 use crate::snapshot::{self, Snapshot};
 
 use lines::LineIndex;
 use raw::RawConfig;
+
+/// What compiling may consult besides the file: metric families to resolve handles in, live
+/// state to attach backends to, the environment (for secrets), and the time it happens.
+pub struct CompileContext<'a> {
+    /// Metric families.
+    pub metrics: &'a Metrics,
+    /// Live state that outlives snapshots.
+    pub live: &'a LiveState,
+    /// Looks up an environment variable.
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// When the snapshot is built.
+    pub now: Instant,
+}
+
+/// Reads the process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+impl<'a> CompileContext<'a> {
+    /// A context on the process environment, now.
+    pub fn new(metrics: &'a Metrics, live: &'a LiveState) -> Self {
+        Self {
+            metrics,
+            live,
+            env: &process_env,
+            now: Instant::now(),
+        }
+    }
+}
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +91,12 @@ impl Errors {
         self.0.len()
     }
 
+    /// Each error as `check` prints it (without the line), for tests.
+    #[cfg(test)]
+    pub fn rendered(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
+    }
+
     /// True when nothing went wrong.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -90,7 +128,7 @@ impl Errors {
 }
 
 /// Reads and compiles a config file.
-pub fn load(path: &Path, metrics: &Metrics) -> Result<Snapshot, Vec<ConfigError>> {
+pub fn load(path: &Path, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigError>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
             path: String::new(),
@@ -98,14 +136,14 @@ pub fn load(path: &Path, metrics: &Metrics) -> Result<Snapshot, Vec<ConfigError>
             message: format!("cannot read {}: {e}", path.display()),
         }]
     })?;
-    parse(&text, metrics)
+    parse(&text, cx)
 }
 
 /// Parses and compiles config text.
-pub fn parse(text: &str, metrics: &Metrics) -> Result<Snapshot, Vec<ConfigError>> {
+pub fn parse(text: &str, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigError>> {
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| vec![from_serde(&e)])?;
     let mut errors = Errors::default();
-    let snapshot = snapshot::compile(&raw, text, metrics, &mut errors);
+    let snapshot = snapshot::compile(&raw, text, cx, &mut errors);
     match snapshot {
         Some(snapshot) if errors.is_empty() => Ok(snapshot),
         _ => Err(errors.into_located(&LineIndex::new(text))),

@@ -91,9 +91,27 @@ pub struct RawSidecar {
 pub struct RawPool {
     /// Default: weighted_round_robin.
     pub balance: Option<RawBalance>,
+    /// What `consistent_hash` hashes. Default: the client IP.
+    pub hash_key: Option<RawHashKey>,
     pub backends: Vec<RawBackend>,
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    /// Default: no active checks (backends are trusted).
+    pub health_check: Option<RawHealthCheck>,
+    /// Default: on, with the defaults of [`RawOutlier`].
+    #[serde(default)]
+    pub outlier: RawOutlier,
+    /// When every backend is unhealthy or ejected. Default: fail_open.
+    pub panic: Option<RawPanic>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Default: on, with the defaults of [`RawRetries`].
+    #[serde(default)]
+    pub retries: RawRetries,
+    /// Ramp a joining or recovering backend from 10% to 100% weight. Default: off.
+    pub slow_start: Option<Dur>,
+    /// Default: off.
+    pub sticky: Option<RawSticky>,
 }
 
 /// `pools.*.balance:`.
@@ -101,6 +119,152 @@ pub struct RawPool {
 #[serde(rename_all = "snake_case")]
 pub enum RawBalance {
     WeightedRoundRobin,
+    LeastConnections,
+    ConsistentHash,
+}
+
+/// `pools.*.hash_key:` `client_ip`, `path`, `{ header: NAME }` or `{ cookie: NAME }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(
+    untagged,
+    expecting = "client_ip, path, { header: NAME } or { cookie: NAME }"
+)]
+pub enum RawHashKey {
+    Named(RawHashSource),
+    Header { header: String },
+    Cookie { cookie: String },
+}
+
+/// `pools.*.hash_key:` as a single word.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawHashSource {
+    ClientIp,
+    Path,
+}
+
+/// `pools.*.health_check:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// `http` or `tcp`. Default: http.
+    #[serde(rename = "type")]
+    pub kind: Option<RawProbeKind>,
+    /// Default: /healthz.
+    pub path: Option<String>,
+    /// Statuses or ranges such as `200`, `"200-399"`. Default: 200-399.
+    pub expected_statuses: Option<Vec<serde_yaml::Value>>,
+    /// Host header. Default: the backend address.
+    pub host: Option<String>,
+    /// Default: 2s.
+    pub interval: Option<Dur>,
+    /// Default: 1s.
+    pub timeout: Option<Dur>,
+    /// Default: 2.
+    pub rise: Option<u32>,
+    /// Default: 3.
+    pub fall: Option<u32>,
+}
+
+/// `pools.*.health_check.type:`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawProbeKind {
+    Http,
+    Tcp,
+}
+
+/// `pools.*.outlier:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    /// Default: true.
+    pub enabled: Option<bool>,
+    /// Default: 5.
+    pub consecutive_failures: Option<u32>,
+    /// Default: 10s.
+    pub base_ejection: Option<Dur>,
+    /// Default: 5m.
+    pub max_ejection: Option<Dur>,
+    /// Default: 50.
+    pub max_ejected_percent: Option<u8>,
+    /// Which outcomes count: connect_errors, timeouts, http_5xx. Default: all three.
+    pub count: Option<Vec<RawFailureKind>>,
+}
+
+/// `pools.*.outlier.count[]`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawFailureKind {
+    ConnectErrors,
+    Timeouts,
+    Http5xx,
+}
+
+/// `pools.*.panic:`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawPanic {
+    FailOpen,
+    FailClosed,
+}
+
+/// `pools.*.limits:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Requests in flight to the pool before new ones get 503. Default: no limit.
+    pub max_in_flight: Option<u64>,
+}
+
+/// `pools.*.retries:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetries {
+    /// Retries after the first attempt; 0 turns retries off. Default: 2.
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: RawBackoff,
+    /// Default: 20.
+    pub budget_percent: Option<u32>,
+    /// Retries always allowed regardless of the percentage. Default: 3.
+    pub min_concurrency: Option<u32>,
+}
+
+/// `pools.*.retries.backoff:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    /// Default: 25ms.
+    pub base: Option<Dur>,
+    /// Default: 250ms.
+    pub max: Option<Dur>,
+}
+
+/// `pools.*.sticky:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSticky {
+    pub cookie: String,
+    /// Default: 30m.
+    pub ttl: Option<Dur>,
+    /// Environment variable holding the signing secret.
+    pub secret_env: Option<String>,
+    /// The signing secret itself (prefer `secret_env`).
+    pub secret: Option<String>,
+    /// `lax`, `strict` or `none`. Default: lax.
+    pub same_site: Option<RawSameSite>,
+    /// Answer 503 instead of re-pinning when the pinned backend is unusable. Default: false.
+    pub strict: Option<bool>,
+}
+
+/// `pools.*.sticky.same_site:`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawSameSite {
+    Lax,
+    Strict,
+    None,
 }
 
 /// `pools.*.backends[]`.

@@ -1,6 +1,26 @@
 //! Golden tests: the shipped files compile; broken files give exact errors with path and line.
 
 use super::*;
+use crate::live::LiveState;
+
+fn compile_text(text: &str) -> Result<Snapshot, Vec<ConfigError>> {
+    let (metrics, live) = (Metrics::new(), LiveState::default());
+    let env = |name: &str| {
+        (name == "TEST_STICKY_SECRET").then(|| "a-sticky-secret-for-tests".to_string())
+    };
+    let cx = CompileContext {
+        metrics: &metrics,
+        live: &live,
+        env: &env,
+        now: Instant::now(),
+    };
+    parse(text, &cx)
+}
+
+fn load_file(file: &str) -> Result<Snapshot, Vec<ConfigError>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    compile_text(&std::fs::read_to_string(path).unwrap())
+}
 
 const MINIMAL: &str = "\
 listeners: [{ name: public, address: 127.0.0.1:8080 }]
@@ -12,7 +32,7 @@ routes:
 ";
 
 fn errors(text: &str) -> Vec<String> {
-    match parse(text, &Metrics::new()) {
+    match compile_text(text) {
         Ok(_) => vec![],
         Err(errors) => errors.iter().map(ToString::to_string).collect(),
     }
@@ -25,8 +45,7 @@ fn shipped_configs_compile() {
         "conf/production.yaml",
         "conf/container.yaml",
     ] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-        if let Err(errors) = load(&path, &Metrics::new()) {
+        if let Err(errors) = load_file(file) {
             panic!("{file}: {errors:?}");
         }
     }
@@ -34,8 +53,7 @@ fn shipped_configs_compile() {
 
 #[test]
 fn default_config_matches_the_documented_layout() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
-    let snapshot = load(&path, &Metrics::new()).unwrap();
+    let snapshot = load_file("conf/edge.yaml").unwrap();
     assert_eq!(snapshot.listeners[0].address.to_string(), "127.0.0.1:8080");
     assert_eq!(
         snapshot.admin.as_ref().unwrap().address.to_string(),
@@ -48,7 +66,7 @@ fn default_config_matches_the_documented_layout() {
 
 #[test]
 fn minimal_config_gets_documented_defaults() {
-    let snapshot = parse(MINIMAL, &Metrics::new()).unwrap();
+    let snapshot = compile_text(MINIMAL).unwrap();
     assert_eq!(snapshot.server.threads, 2);
     assert_eq!(snapshot.server.shutdown_timeout.as_secs(), 30);
     assert!(snapshot.admin.is_none());
@@ -68,7 +86,7 @@ fn broken_files_give_exact_errors() {
         (
             "unknown key",
             "pools:\n  api:\n    backends: [{ address: 127.0.0.1:9201 }]\n    colour: blue\n",
-            &["line 4: pools.api: unknown field `colour`, expected one of `balance`, `backends`, `timeouts`"],
+            &["line 4: pools.api: unknown field `colour`, expected one of `balance`, `hash_key`, `backends`, `timeouts`, `health_check`, `outlier`, `panic`, `limits`, `retries`, `slow_start`, `sticky`"],
         ),
         (
             "bad duration",
@@ -83,7 +101,7 @@ fn broken_files_give_exact_errors() {
         (
             "unknown balancer",
             "listeners: []\npools:\n  api:\n    balance: random\n    backends: []\nroutes: []\n",
-            &["line 4: pools.api.balance: unknown variant `random`, expected `weighted_round_robin`"],
+            &["line 4: pools.api.balance: unknown variant `random`, expected one of `weighted_round_robin`, `least_connections`, `consistent_hash`"],
         ),
         (
             "yaml syntax",

@@ -322,3 +322,90 @@ pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
     std::fs::write(&path, content).unwrap();
     path
 }
+
+/// A fake upstream whose answers can be switched, and which counts what it received.
+pub struct Toggle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// While true, every answer is 503.
+    pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Requests received.
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Starts a [`Toggle`] upstream: `GET /ok` and `POST /ok` answer 200 with `x-upstream: <name>`
+/// (503 while failing); `GET /healthz` answers likewise.
+pub async fn toggle_upstream(name: &'static str) -> Toggle {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let failing = Arc::new(AtomicBool::new(false));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (f, h) = (failing.clone(), hits.clone());
+    let answer = move || {
+        let (f, h) = (f.clone(), h.clone());
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            let status = if f.load(Ordering::SeqCst) {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            (status, [("x-upstream", name)], name)
+        }
+    };
+    let app = axum::Router::new()
+        .route("/ok", get(answer.clone()).post(answer.clone()))
+        .route("/healthz", get(answer));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Toggle {
+        addr,
+        failing,
+        hits,
+    }
+}
+
+/// A standalone `kingdom-api` process (not supervised by the proxy), killed on drop.
+pub struct ApiProcess {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl ApiProcess {
+    /// Starts `kingdom-api --listen <free port>` and waits until it accepts connections.
+    pub async fn start() -> ApiProcess {
+        let addr = addr(free_ports(1)[0]);
+        let child = Command::new(bin("kingdom-api"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env("KINGDOM_API_SECRET", "integration-test-secret")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("kingdom-api to listen", || async move {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+        ApiProcess { child, addr }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

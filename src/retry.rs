@@ -1,0 +1,115 @@
+//! Retries: when, how long to wait, and how many a pool can afford.
+//!
+//! The budget follows Envoy's: retries in progress may not exceed `budget_percent` of the
+//! pool's requests in progress, with a floor so a quiet pool can still retry. A failing pool
+//! therefore sees at most a few percent more traffic, never a multiple of it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// `pools.*.retries`, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0 disables retries).
+    pub attempts: u32,
+    /// First backoff ceiling; doubles per retry.
+    pub backoff_base: Duration,
+    /// Largest backoff ceiling.
+    pub backoff_max: Duration,
+    /// Retries in progress may be at most this percent of requests in progress.
+    pub budget_percent: u32,
+    /// ...but this many are always allowed.
+    pub min_concurrency: u32,
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1-based): full jitter, uniformly random between
+    /// zero and `min(max, base × 2^(retry-1))`. `random` is in [0, 1).
+    pub fn backoff(&self, retry: u32, random: f64) -> Duration {
+        let ceiling = self
+            .backoff_base
+            .saturating_mul(1u32 << retry.saturating_sub(1).min(20))
+            .min(self.backoff_max);
+        ceiling.mul_f64(random.clamp(0.0, 1.0))
+    }
+}
+
+/// A pool's count of retries in progress; requests in progress are counted by the pool.
+#[derive(Debug, Default)]
+pub struct RetryBudget {
+    retrying: AtomicU64,
+}
+
+impl RetryBudget {
+    /// Takes a place for one more retry if fewer than the budget allows are in progress,
+    /// given `active` requests in progress. Each success needs a [`Self::release`].
+    pub fn try_acquire(&self, policy: &RetryPolicy, active: u64) -> bool {
+        let allowed = (active * u64::from(policy.budget_percent) / 100)
+            .max(u64::from(policy.min_concurrency));
+        self.retrying
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < allowed).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `n` places when their request ends.
+    pub fn release(&self, n: u64) {
+        self.retrying.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            budget_percent: 20,
+            min_concurrency: 3,
+        }
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_capped_ceiling() {
+        let p = policy();
+        let ms = |retry, r| p.backoff(retry, r).as_millis();
+        assert_eq!(
+            [
+                ms(1, 0.999),
+                ms(2, 0.999),
+                ms(3, 0.999),
+                ms(4, 0.999),
+                ms(5, 0.999)
+            ],
+            [24, 49, 99, 199, 249]
+        );
+        assert_eq!(ms(9, 0.999), 249, "capped at max");
+        assert_eq!(ms(3, 0.0), 0);
+        assert_eq!(ms(3, 0.5), 50);
+        assert_eq!(ms(40, 0.5), 125, "no overflow for large retry numbers");
+    }
+
+    #[test]
+    fn budget_has_a_floor_then_a_share_of_active_requests() {
+        let budget = RetryBudget::default();
+        let p = policy();
+        // Little traffic: the floor of 3 applies.
+        let granted = (0..5).filter(|_| budget.try_acquire(&p, 1)).count();
+        assert_eq!(granted, 3);
+        budget.release(3);
+
+        // 100 requests in progress: 20% may be retries.
+        let granted = (0..50).filter(|_| budget.try_acquire(&p, 100)).count();
+        assert_eq!(granted, 20);
+        assert!(!budget.try_acquire(&p, 100));
+        budget.release(1);
+        assert!(
+            budget.try_acquire(&p, 100),
+            "places return when requests end"
+        );
+    }
+}
