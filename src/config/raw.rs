@@ -198,6 +198,7 @@ pub struct RawOutlier {
 pub enum RawFailureKind {
     ConnectErrors,
     Timeouts,
+    #[serde(rename = "http_5xx")]
     Http5xx,
 }
 
