@@ -16,6 +16,9 @@ use crate::snapshot::AccessLogOutput;
 
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
+/// After a write the writer rests this long, so under load lines are taken in batches and no
+/// request thread has to wake it for each line.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
 /// One request, as logged.
 #[derive(Debug, Serialize)]
@@ -129,8 +132,12 @@ fn write_lines(queue: Receiver<Message>, writer: Box<dyn Write + Send>) {
             }
         }
         let _ = out.flush();
+        let flushed = !waiting.is_empty();
         for done in waiting.drain(..) {
             let _ = done.send(());
+        }
+        if !flushed {
+            thread::sleep(BATCH_WINDOW);
         }
     }
 }
