@@ -358,14 +358,17 @@ impl ProxyHttp for EdgeProxy {
         let stale = client_reused && matches!(e.retry, RetryType::ReusedOnly);
         let retry = if stale {
             // A pooled keep-alive connection the upstream had already closed: not the
-            // backend's fault, and safe to resend on a new connection.
+            // backend's fault, and safe to resend on a new connection, outside the budget
+            // but within one attempt more than the policy's.
+            let mut allowed = false;
             if let (Some(choice), Some(pool)) = (ctx.choice, ctx.pool()) {
                 if choice.probe {
                     pool.abandon_probe(choice.id);
                 }
+                allowed = ctx.attempts() <= pool.retries.attempts + 1;
             }
             ctx.recorded = true;
-            replayable(session)
+            allowed && replayable(session)
         } else {
             ctx.record(outcome(Some(&e), 0));
             replayable(session) && ctx.may_retry()
