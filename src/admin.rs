@@ -51,7 +51,8 @@ async fn health() -> Json<Value> {
 }
 
 /// 200 once the config is loaded, the proxy is not draining, and every pool has a backend
-/// that accepts a TCP connection; otherwise 503 naming what is missing.
+/// that passes its health checks (or, without checks, accepts a TCP connection); otherwise
+/// 503 naming what is missing.
 async fn ready(State(state): State<AdminState>) -> Response {
     if state.draining.load(Ordering::Acquire) {
         return (
@@ -62,8 +63,16 @@ async fn ready(State(state): State<AdminState>) -> Response {
     }
     let snapshot = state.store.load();
     let checks = snapshot.pools.iter().map(|pool| async move {
-        let probes = pool.backends.iter().map(|b| reachable(b.address));
-        let reachable = join_all(probes).await.into_iter().filter(|ok| *ok).count();
+        let reachable = if pool.health.is_some() {
+            // The pool's own checks know better than a bare connect.
+            pool.backends
+                .iter()
+                .filter(|b| b.state.health().healthy)
+                .count()
+        } else {
+            let probes = pool.backends.iter().map(|b| reachable(b.address));
+            join_all(probes).await.into_iter().filter(|ok| *ok).count()
+        };
         (pool.name.clone(), reachable)
     });
     let results = join_all(checks).await;

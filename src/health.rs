@@ -27,6 +27,9 @@ pub struct HealthPolicy {
     pub fall: u32,
 }
 
+/// Probe interval for a backend that has not passed a check yet (when `interval` is longer).
+pub const FIRST_PASS_INTERVAL: Duration = Duration::from_millis(250);
+
 /// One probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
@@ -135,7 +138,15 @@ async fn check_forever(
             return;
         };
         current.record_probe(id, Instant::now(), passed, detail);
-        tokio::time::sleep(jittered(policy.interval, fastrand::f64())).await;
+        // Like HAProxy's `fastinter`: a backend that has never passed is probed often, so a
+        // starting process joins as soon as it listens.
+        let joined = current.backends[id].state.health().ever_passed;
+        let wait = if joined {
+            policy.interval
+        } else {
+            policy.interval.min(FIRST_PASS_INTERVAL)
+        };
+        tokio::time::sleep(jittered(wait, fastrand::f64())).await;
     }
 }
 
