@@ -29,27 +29,15 @@ async fn killing_a_backend_mid_stream_loses_no_request() {
         ApiProcess::start().await,
         ApiProcess::start().await,
     ];
-    let p = free_ports(2);
-    let backends: Vec<String> = apis
-        .iter()
-        .map(|a| format!("{{ address: {} }}", a.addr))
-        .collect();
-    let yaml = format!(
-        r#"
-listeners: [{{ name: public, address: 127.0.0.1:{} }}]
-admin: {{ address: 127.0.0.1:{} }}
-pools:
-  api:
-    backends: [{}]
-    outlier: {{ consecutive_failures: 3, base_ejection: 60s }}
-    retries: {{ attempts: 2 }}
-routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
-"#,
-        p[0],
-        p[1],
-        backends.join(", ")
-    );
-    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let addrs: Vec<_> = apis.iter().map(|a| a.addr).collect();
+    let edge = common::edge_for_pool(
+        &addrs,
+        &[
+            "outlier: { consecutive_failures: 3, base_ejection: 60s }",
+            "retries: { attempts: 2 }",
+        ],
+    )
+    .await;
     let http = client();
     let victim = apis[1].addr.to_string();
 
@@ -93,18 +81,18 @@ routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
     assert_eq!(failures, 0, "clients saw failures");
     let status = edge.status().await;
     assert_eq!(
-        backend(&status, "api", &victim)["breaker"],
+        backend(&status, "app", &victim)["breaker"],
         "open",
         "{status}"
     );
     let metrics = edge.metrics().await;
     assert!(
         metrics.contains(&format!(
-            r#"kingdom_edge_backend_ejected{{backend="{victim}",pool="api"}} 1"#
+            r#"kingdom_edge_backend_ejected{{backend="{victim}",pool="app"}} 1"#
         )),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"kingdom_edge_retries_total{pool="api"}"#));
+    assert!(metrics.contains(r#"kingdom_edge_retries_total{pool="app"}"#));
 }
 
 #[tokio::test]
@@ -221,27 +209,15 @@ async fn sticky_sessions_stay_then_move_with_a_new_cookie_and_ignore_forgeries()
         ApiProcess::start().await,
         ApiProcess::start().await,
     ];
-    let p = free_ports(2);
-    let backends: Vec<String> = apis
-        .iter()
-        .map(|a| format!("{{ address: {} }}", a.addr))
-        .collect();
-    let yaml = format!(
-        r#"
-listeners: [{{ name: public, address: 127.0.0.1:{} }}]
-admin: {{ address: 127.0.0.1:{} }}
-pools:
-  api:
-    backends: [{}]
-    sticky: {{ cookie: kd_api, ttl: 30m, secret: integration-sticky-secret }}
-    outlier: {{ consecutive_failures: 1, base_ejection: 60s }}
-routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
-"#,
-        p[0],
-        p[1],
-        backends.join(", ")
-    );
-    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let addrs: Vec<_> = apis.iter().map(|a| a.addr).collect();
+    let edge = common::edge_for_pool(
+        &addrs,
+        &[
+            "sticky: { cookie: kd_api, ttl: 30m, secret: integration-sticky-secret }",
+            "outlier: { consecutive_failures: 1, base_ejection: 60s }",
+        ],
+    )
+    .await;
     let http = client();
 
     let first = http.get(edge.url("/v1/echo")).send().await.unwrap();
@@ -287,7 +263,7 @@ routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
     assert!(edge
         .metrics()
         .await
-        .contains(r#"kingdom_edge_sticky_invalid_total{pool="api",reason="bad_signature"} 1"#));
+        .contains(r#"kingdom_edge_sticky_invalid_total{pool="app",reason="bad_signature"} 1"#));
 
     // The pinned backend dies: the session moves, with a new cookie naming its new home.
     let victim = apis

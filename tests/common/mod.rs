@@ -409,3 +409,22 @@ impl Drop for ApiProcess {
         self.kill();
     }
 }
+
+/// Starts the proxy in front of one pool `app`, routed from `/`, with these backends and the
+/// extra pool keys in `extra` (YAML flow-mapping entries such as `limits: { max_in_flight: 1 }`,
+/// one per line). Waits until every backend accepts connections.
+pub async fn edge_for_pool(backends: &[SocketAddr], extra: &[&str]) -> Edge {
+    let p = free_ports(2);
+    let list: Vec<String> = backends
+        .iter()
+        .map(|a| format!("{{ address: {a} }}"))
+        .collect();
+    let extra: String = extra.iter().map(|line| format!("    {line}\n")).collect();
+    let yaml = format!(
+        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools:\n  app:\n    backends: [{}]\n{extra}routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]\n",
+        p[0],
+        p[1],
+        list.join(", ")
+    );
+    Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
+}
