@@ -13,7 +13,12 @@ pub struct Dur(pub Duration);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
 
-/// Parses `250ms`, `2s`, `15m`, `1h`. Bare numbers are refused: a unit is always required.
+/// Longest duration accepted anywhere (a year): every deadline computed from a config value
+/// stays far from `Instant`'s and `u64`'s limits.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `250ms`, `2s`, `15m`, `1h`, up to [`MAX_DURATION`]. Bare numbers are refused: a unit
+/// is always required.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -36,7 +41,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     millis
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is too large"))
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("`{text}` is too large: at most 8760h (a year)"))
 }
 
 /// Parses `512B`, `64KiB`, `256MiB`, `1GiB` (binary units), or a bare byte count.
@@ -121,6 +127,10 @@ mod tests {
             ("1d", Err("unknown unit")),
             ("-1s", Err("not a duration")),
             ("ms", Err("not a duration")),
+            ("8760h", Ok(31_536_000_000)),
+            ("8761h", Err("too large")),
+            ("99999999999999999999h", Err("not a duration")),
+            ("9999999999999999h", Err("too large")),
         ];
         for (text, want) in cases {
             match (parse_duration(text), want) {
