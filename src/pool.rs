@@ -41,8 +41,8 @@ pub struct Pool {
     /// The configured algorithm, for status output.
     pub balance: &'static str,
     balancer: Box<dyn Balancer>,
-    /// What `consistent_hash` hashes.
-    pub hash_key: HashKey,
+    /// What the balancer hashes; `Some` exactly for `consistent_hash` pools.
+    pub hash_key: Option<HashKey>,
     /// Per-attempt timeouts.
     pub timeouts: Timeouts,
     /// Active checks; `None` trusts the backends.
@@ -138,6 +138,8 @@ struct View<'a> {
     pool: &'a Pool,
     now: Instant,
     tried: &'a [BackendId],
+    /// Chosen during this call but refused by their breaker.
+    refused: &'a [BackendId],
     /// Panic mode: health and ejection are ignored.
     everyone: bool,
 }
@@ -148,7 +150,9 @@ impl BackendView for View<'_> {
     }
 
     fn usable(&self, id: BackendId) -> bool {
-        !self.tried.contains(&id) && (self.everyone || self.pool.available(id, self.now))
+        !self.tried.contains(&id)
+            && !self.refused.contains(&id)
+            && (self.everyone || self.pool.available(id, self.now))
     }
 
     fn weight(&self, id: BackendId) -> u32 {
@@ -206,14 +210,16 @@ impl Pool {
                 return Err(Unavailable::StickyStrict);
             }
         }
-        let mut skip: Vec<BackendId> = tried.to_vec();
         // A breaker may refuse between the view and the admission (another request took the
-        // probe): try the next choice, at most once per backend.
+        // probe): try the next choice, at most once per backend. `refused` stays empty, and
+        // unallocated, on the common path.
+        let mut refused: Vec<BackendId> = Vec::new();
         for _ in 0..self.backends.len() {
             let view = View {
                 pool: self,
                 now,
-                tried: &skip,
+                tried,
+                refused: &refused,
                 everyone: false,
             };
             let Some(id) = self.balancer.select(&view, key) else {
@@ -222,7 +228,7 @@ impl Pool {
             if let Some(choice) = self.admit(id, now) {
                 return Ok(choice);
             }
-            skip.push(id);
+            refused.push(id);
         }
         if (0..self.backends.len()).any(|id| self.available(id, now) && !tried.contains(&id)) {
             // Some backend is available but refused just now; do not panic over a race.
@@ -238,6 +244,7 @@ impl Pool {
                     pool: self,
                     now,
                     tried,
+                    refused: &[],
                     everyone: true,
                 };
                 self.balancer
@@ -447,7 +454,7 @@ pub fn compile(
         backends,
         balance,
         balancer,
-        hash_key,
+        hash_key: (balance == "consistent_hash").then_some(hash_key),
         timeouts,
         health,
         outlier,
@@ -501,10 +508,22 @@ fn compile_health(
         }
         RawProbeKind::Http => {
             let check_path = raw.path.clone().unwrap_or_else(|| "/healthz".to_string());
-            if !check_path.starts_with('/') {
+            if !check_path.starts_with('/') || !is_request_token(&check_path) {
                 errors.push(
                     format!("{path}.path"),
-                    format!("must start with `/` (got `{check_path}`)"),
+                    format!("must start with `/` and hold no spaces or control characters (got {check_path:?})"),
+                );
+            }
+            if let Some(host) = raw
+                .host
+                .as_deref()
+                .filter(|h| h.is_empty() || !is_request_token(h))
+            {
+                errors.push(
+                    format!("{path}.host"),
+                    format!(
+                        "must be a host name without spaces or control characters (got {host:?})"
+                    ),
                 );
             }
             let mut statuses = Vec::new();
@@ -536,6 +555,11 @@ fn compile_health(
     })
 }
 
+/// Text that can go into a request line or header as is: visible ASCII only.
+fn is_request_token(text: &str) -> bool {
+    text.bytes().all(|b| b.is_ascii_graphic())
+}
+
 fn status_range(value: &serde_yaml::Value) -> Option<RangeInclusive<u16>> {
     let valid = |r: RangeInclusive<u16>| {
         (100 <= *r.start() && r.start() <= r.end() && *r.end() <= 599).then_some(r)
@@ -546,7 +570,7 @@ fn status_range(value: &serde_yaml::Value) -> Option<RangeInclusive<u16>> {
     }
     let text = value.as_str()?;
     if let Some(class) = text.strip_suffix("xx") {
-        let digit: u16 = class.parse().ok()?;
+        let digit: u16 = class.parse().ok().filter(|d| (1..=5).contains(d))?;
         return valid(digit * 100..=digit * 100 + 99);
     }
     let (low, high) = text.split_once('-')?;

@@ -20,6 +20,7 @@
 //! Hop-by-hop headers are stripped by Pingora's standard upstream request policy, which also
 //! forwards WebSocket upgrades.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -488,12 +489,7 @@ fn replayable(session: &Session) -> bool {
 /// ignored.
 fn sticky_pin(pool: &Pool, req: &RequestHeader) -> Option<BackendId> {
     let sticky = pool.sticky.as_ref()?;
-    let value = req
-        .headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|cookies| sticky.find(cookies))?;
+    let value = request_cookie(req, &sticky.cookie)?;
     match sticky.decode(value, unix_now()) {
         // A backend gone after a reload simply has no id: the balancer re-pins.
         Ok(label) => pool.find(&label),
@@ -509,25 +505,30 @@ fn sticky_pin(pool: &Pool, req: &RequestHeader) -> Option<BackendId> {
     }
 }
 
-/// The consistent-hash key of a request, for pools that hash.
-fn hash_key(pool: &Pool, req: &RequestHeader, forwarded: Option<&Forwarded>) -> Option<Vec<u8>> {
-    if pool.balance != "consistent_hash" {
-        return None;
+/// The consistent-hash key of a request, for pools that hash; borrowed where it can be.
+fn hash_key<'a>(
+    pool: &Pool,
+    req: &'a RequestHeader,
+    forwarded: Option<&Forwarded>,
+) -> Option<Cow<'a, [u8]>> {
+    match pool.hash_key.as_ref()? {
+        HashKey::ClientIp => forwarded.map(|f| Cow::Owned(f.client_ip.to_string().into_bytes())),
+        HashKey::Path => Some(Cow::Borrowed(req.uri.path().as_bytes())),
+        HashKey::Header(name) => req.headers.get(name).map(|v| Cow::Borrowed(v.as_bytes())),
+        HashKey::Cookie(name) => request_cookie(req, name).map(|v| Cow::Borrowed(v.as_bytes())),
     }
-    match &pool.hash_key {
-        HashKey::ClientIp => forwarded.map(|f| f.client_ip.to_string().into_bytes()),
-        HashKey::Path => Some(req.uri.path().as_bytes().to_vec()),
-        HashKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes().to_vec()),
-        HashKey::Cookie(name) => req
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|cookies| cookies.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_bytes().to_vec()),
-    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers (quotes removed).
+fn request_cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|cookies| cookies.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim_matches('"'))
 }
 
 fn unix_now() -> u64 {
@@ -651,6 +652,18 @@ mod tests {
             req.append_header(name.to_string(), *value).unwrap();
         }
         req
+    }
+
+    #[test]
+    fn finds_cookies_across_cookie_headers() {
+        let req = request(
+            "/",
+            &[("cookie", "a=1"), ("cookie", "a=1; kd=abc.1.x; b=\"2\"")],
+        );
+        assert_eq!(request_cookie(&req, "kd"), Some("abc.1.x"));
+        assert_eq!(request_cookie(&req, "b"), Some("2"));
+        let req = request("/", &[("cookie", "kdx=1; b=2")]);
+        assert_eq!(request_cookie(&req, "kd"), None);
     }
 
     #[test]

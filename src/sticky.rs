@@ -128,15 +128,6 @@ impl StickyPolicy {
             if secure { "; Secure" } else { "" }
         )
     }
-
-    /// This policy's cookie in a `Cookie` request header, if present.
-    pub fn find<'a>(&self, cookie_header: &'a str) -> Option<&'a str> {
-        cookie_header
-            .split(';')
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(name, _)| *name == self.cookie)
-            .map(|(_, value)| value.trim_matches('"'))
-    }
 }
 
 #[cfg(test)]
@@ -192,14 +183,12 @@ mod tests {
     }
 
     #[test]
-    fn cookie_attributes_and_lookup() {
+    fn cookie_attributes() {
         let p = policy(b"secret-one-secret-one");
         assert_eq!(
             p.set_cookie("v", false),
             "kd=v; Path=/; Max-Age=1800; HttpOnly; SameSite=Lax"
         );
         assert!(p.set_cookie("v", true).ends_with("; Secure"));
-        assert_eq!(p.find("a=1; kd=abc.1.x; b=2"), Some("abc.1.x"));
-        assert_eq!(p.find("kdx=1; b=2"), None);
     }
 }

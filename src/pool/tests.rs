@@ -186,7 +186,12 @@ fn consistent_hash_pools_keep_keys_on_their_backend() {
     }
     assert_eq!(
         f.pool.hash_key,
-        HashKey::Header(HeaderName::from_static("x-user"))
+        Some(HashKey::Header(HeaderName::from_static("x-user")))
+    );
+    assert_eq!(
+        pool(THREE).pool.hash_key,
+        None,
+        "only hashing pools have a key"
     );
 }
 
@@ -208,6 +213,9 @@ fn policy_errors_name_their_path() {
     let cases = [
         ("    health_check: { interval: 0s }", "pools.p.health_check.interval: must be > 0 (got 0s)"),
         ("    health_check: { type: tcp, path: /x }", "pools.p.health_check.path: only used with `type: http`"),
+        ("    health_check: { path: \"/a b\" }", "pools.p.health_check.path: must start with `/` and hold no spaces or control characters (got \"/a b\")"),
+        ("    health_check: { host: \"a\\r\\nX-Evil: 1\" }", "pools.p.health_check.host: must be a host name without spaces or control characters (got \"a\\r\\nX-Evil: 1\")"),
+        ("    health_check: { expected_statuses: [\"999xx\"] }", "pools.p.health_check.expected_statuses[0]: must be a status (200), a range (\"200-399\") or a class (\"2xx\")"),
         ("    health_check: { expected_statuses: [\"600-700\"] }", "pools.p.health_check.expected_statuses[0]: must be a status (200), a range (\"200-399\") or a class (\"2xx\")"),
         ("    outlier: { max_ejected_percent: 150 }", "pools.p.outlier.max_ejected_percent: must be 0 to 100 (got 150)"),
         ("    retries: { attempts: 50 }", "pools.p.retries.attempts: must be 0 to 10 (got 50)"),
