@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::{addr, client, free_ports, wait_for, ApiProcess, Edge};
+use common::{client, wait_for, ApiProcess};
 use serde_json::Value;
 
 fn backend<'a>(status: &'a Value, pool: &str, address: &str) -> &'a Value {
@@ -99,20 +99,11 @@ async fn killing_a_backend_mid_stream_loses_no_request() {
 async fn a_failing_backend_is_ejected_then_readmitted_through_half_open() {
     let good = common::toggle_upstream("good").await;
     let flaky = common::toggle_upstream("flaky").await;
-    let p = free_ports(2);
-    let yaml = format!(
-        r#"
-listeners: [{{ name: public, address: 127.0.0.1:{} }}]
-admin: {{ address: 127.0.0.1:{} }}
-pools:
-  app:
-    backends: [{{ address: {} }}, {{ address: {} }}]
-    outlier: {{ consecutive_failures: 3, base_ejection: 5s }}
-routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
-"#,
-        p[0], p[1], good.addr, flaky.addr
-    );
-    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    let edge = common::edge_for_pool(
+        &[good.addr, flaky.addr],
+        &["outlier: { consecutive_failures: 3, base_ejection: 5s }"],
+    )
+    .await;
     let http = client();
     flaky.failing.store(true, Ordering::SeqCst);
 
@@ -151,20 +142,7 @@ async fn post_is_not_retried_once_the_upstream_has_it() {
     let b = common::toggle_upstream("b").await;
     a.failing.store(true, Ordering::SeqCst);
     b.failing.store(true, Ordering::SeqCst);
-    let p = free_ports(2);
-    let yaml = format!(
-        r#"
-listeners: [{{ name: public, address: 127.0.0.1:{} }}]
-admin: {{ address: 127.0.0.1:{} }}
-pools:
-  app:
-    backends: [{{ address: {} }}, {{ address: {} }}]
-    outlier: {{ enabled: false }}
-routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
-"#,
-        p[0], p[1], a.addr, b.addr
-    );
-    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    let edge = common::edge_for_pool(&[a.addr, b.addr], &["outlier: { enabled: false }"]).await;
     let http = client();
     let hits = || a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst);
 
@@ -296,20 +274,7 @@ async fn sticky_sessions_stay_then_move_with_a_new_cookie_and_ignore_forgeries()
 #[tokio::test]
 async fn max_in_flight_answers_503_at_once() {
     let slow = common::fake_upstream("slow").await;
-    let p = free_ports(2);
-    let yaml = format!(
-        r#"
-listeners: [{{ name: public, address: 127.0.0.1:{} }}]
-admin: {{ address: 127.0.0.1:{} }}
-pools:
-  app:
-    backends: [{{ address: {slow} }}]
-    limits: {{ max_in_flight: 1 }}
-routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
-"#,
-        p[0], p[1]
-    );
-    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    let edge = common::edge_for_pool(&[slow], &["limits: { max_in_flight: 1 }"]).await;
     let http = client();
     let first = tokio::spawn(http.get(edge.url("/slow?ms=1500")).send());
     wait_for("the first request to be in flight", || {
@@ -338,20 +303,11 @@ async fn health_checks_gate_traffic_and_show_in_status_and_metrics() {
     let up = common::toggle_upstream("up").await;
     let down = common::toggle_upstream("down").await;
     down.failing.store(true, Ordering::SeqCst);
-    let p = free_ports(2);
-    let yaml = format!(
-        r#"
-listeners: [{{ name: public, address: 127.0.0.1:{} }}]
-admin: {{ address: 127.0.0.1:{} }}
-pools:
-  app:
-    backends: [{{ address: {} }}, {{ address: {} }}]
-    health_check: {{ path: /healthz, interval: 100ms, timeout: 500ms }}
-routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
-"#,
-        p[0], p[1], up.addr, down.addr
-    );
-    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    let edge = common::edge_for_pool(
+        &[up.addr, down.addr],
+        &["health_check: { path: /healthz, interval: 100ms, timeout: 500ms }"],
+    )
+    .await;
     let (up_label, down_label) = (up.addr.to_string(), down.addr.to_string());
     wait_for("the first health probes", || {
         let status = edge.status();

@@ -184,14 +184,7 @@ impl Edge {
 
     /// `GET /status` as JSON.
     pub async fn status(&self) -> serde_json::Value {
-        client()
-            .get(format!("http://{}/status", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&format!("http://{}/status", self.admin)).await
     }
 
     /// `GET /metrics` as text.
