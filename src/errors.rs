@@ -98,16 +98,25 @@ impl Rejection {
             HTTPStatus(code) if (400..500).contains(code) => {
                 Some(Rejection::BadRequest("the request is malformed"))
             }
+            _ if client_gone(e) => None,
             _ => match e.esource() {
                 ErrorSource::Upstream => Some(Rejection::UpstreamFailed),
-                ErrorSource::Downstream => match e.etype() {
-                    WriteError | ReadError | ConnectionClosed => None,
-                    _ => Some(Rejection::BadRequest("the request is malformed")),
-                },
+                ErrorSource::Downstream => Some(Rejection::BadRequest("the request is malformed")),
                 ErrorSource::Internal | ErrorSource::Unset => Some(Rejection::Internal),
             },
         }
     }
+}
+
+/// Whether `e` means the client's connection or stream is gone (closed, reset, or failing
+/// reads and writes): nothing can be sent to it, and the upstream is not to blame.
+pub fn client_gone(e: &Error) -> bool {
+    use ErrorType::*;
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            WriteError | ReadError | ConnectionClosed | H2Error | WriteTimedout
+        )
 }
 
 #[cfg(test)]

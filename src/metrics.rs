@@ -24,6 +24,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     pool_rejected: IntCounterVec,
     sticky_invalid: IntCounterVec,
+    truncated: IntCounterVec,
 }
 
 /// Route label used for requests that matched no route (or were rejected before routing).
@@ -108,6 +109,11 @@ impl Metrics {
             "Sticky cookies ignored: malformed, bad_signature, expired.",
             &["pool", "reason"],
         );
+        let truncated = counter(
+            "kingdom_edge_responses_truncated_total",
+            "Responses aborted after they had started, because the upstream failed mid-response.",
+            &["route"],
+        );
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -120,6 +126,7 @@ impl Metrics {
             Box::new(retries.clone()),
             Box::new(pool_rejected.clone()),
             Box::new(sticky_invalid.clone()),
+            Box::new(truncated.clone()),
         ] {
             registry
                 .register(collector)
@@ -138,6 +145,7 @@ impl Metrics {
             retries,
             pool_rejected,
             sticky_invalid,
+            truncated,
         }
     }
 
@@ -173,6 +181,7 @@ impl Metrics {
             route: route.to_string(),
             codes: (0..CODES).map(|_| OnceLock::new()).collect(),
             duration: self.duration.with_label_values(&[route]),
+            truncated: self.truncated.with_label_values(&[route]),
         }
     }
 
@@ -217,6 +226,8 @@ pub struct RouteMetrics {
     route: String,
     codes: Box<[OnceLock<IntCounter>]>,
     duration: prometheus::Histogram,
+    /// `kingdom_edge_responses_truncated_total{route}`.
+    pub truncated: IntCounter,
 }
 
 impl RouteMetrics {

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
@@ -36,7 +37,7 @@ use prometheus::IntGauge;
 
 use crate::access_log::{self, AccessLog, Entry};
 use crate::balance::BackendId;
-use crate::errors::Rejection;
+use crate::errors::{self, Rejection};
 use crate::forwarded::{self, Forwarded, Incoming};
 use crate::live::{InFlight as BackendInFlight, PoolRequest};
 use crate::metrics::{Metrics, Outcome};
@@ -95,7 +96,30 @@ pub struct RequestCtx {
     retrying_status: bool,
     /// Held while an attempt is in flight to its backend.
     backend_in_flight: Option<BackendInFlight>,
+    /// Why the exchange ended early, once it has.
+    cut: Option<Cut>,
     _in_flight: InFlight,
+}
+
+/// An exchange that ended before its response was complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// The client went away: its outcome, not the backend's (logged as 499 when no response
+    /// had started, as nginx does).
+    ClientAborted,
+    /// The upstream failed after part of its response was sent to the client: the client's
+    /// connection (HTTP/1) or stream (HTTP/2) is aborted so it sees a failure, never a
+    /// response completed from another attempt.
+    UpstreamTruncated,
+}
+
+impl Cut {
+    fn code(self) -> &'static str {
+        match self {
+            Cut::ClientAborted => "client_aborted",
+            Cut::UpstreamTruncated => "upstream_truncated",
+        }
+    }
 }
 
 impl RequestCtx {
@@ -113,6 +137,17 @@ impl RequestCtx {
             pool.record(choice.id, Instant::now(), outcome);
             self.recorded = true;
         }
+    }
+
+    /// Ends the current attempt without an outcome (the backend is not to blame): a claimed
+    /// half-open probe is given back.
+    fn abandon_attempt(&mut self) {
+        if let (Some(choice), false, Some(pool)) = (self.choice, self.recorded, self.pool()) {
+            if choice.probe {
+                pool.abandon_probe(choice.id);
+            }
+        }
+        self.recorded = true;
     }
 
     /// Whether another attempt is allowed: attempts left, and room in the pool's budget.
@@ -164,6 +199,7 @@ impl ProxyHttp for EdgeProxy {
             recorded: false,
             retrying_status: false,
             backend_in_flight: None,
+            cut: None,
             _in_flight: InFlight::new(&self.metrics.in_flight),
         }
     }
@@ -356,19 +392,30 @@ impl ProxyHttp for EdgeProxy {
         if std::mem::take(&mut ctx.retrying_status) {
             return e;
         }
+        if errors::client_gone(&e) {
+            // Nothing to hold against the backend, and nobody left to answer.
+            ctx.cut = Some(Cut::ClientAborted);
+            ctx.abandon_attempt();
+            e.set_retry(false);
+            return e;
+        }
+        if session.response_written().is_some() {
+            // Part of this attempt's response is already with the client: another attempt
+            // would splice a second response onto it.
+            ctx.cut = Some(Cut::UpstreamTruncated);
+            ctx.record(outcome(Some(&e), 0));
+            e.set_retry(false);
+            return e;
+        }
         let stale = client_reused && matches!(e.retry, RetryType::ReusedOnly);
         let retry = if stale {
             // A pooled keep-alive connection the upstream had already closed: not the
             // backend's fault, and safe to resend on a new connection, outside the budget
             // but within one attempt more than the policy's.
-            let mut allowed = false;
-            if let (Some(choice), Some(pool)) = (ctx.choice, ctx.pool()) {
-                if choice.probe {
-                    pool.abandon_probe(choice.id);
-                }
-                allowed = ctx.attempts() <= pool.retries.attempts + 1;
-            }
-            ctx.recorded = true;
+            let allowed = ctx
+                .pool()
+                .is_some_and(|pool| ctx.attempts() <= pool.retries.attempts + 1);
+            ctx.abandon_attempt();
             allowed && replayable(session)
         } else {
             ctx.record(outcome(Some(&e), 0));
@@ -403,6 +450,19 @@ impl ProxyHttp for EdgeProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if session.response_written().is_some() {
+            // Too late for an error response: make sure the client cannot take what it got
+            // for a complete response.
+            ctx.cut.get_or_insert(Cut::UpstreamTruncated);
+            abort_response(session);
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        if errors::client_gone(e) {
+            ctx.cut = Some(Cut::ClientAborted);
+        }
         let rejection = ctx.rejection.or_else(|| Rejection::from_error(e));
         ctx.rejection = rejection;
         let error_code = match rejection {
@@ -433,26 +493,29 @@ impl ProxyHttp for EdgeProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // An attempt that never got an outcome: the upstream broke mid-response, or the
         // client left first (then a half-open probe must not stay claimed).
-        if let (Some(choice), false) = (ctx.choice, ctx.recorded) {
+        if ctx.choice.is_some() && !ctx.recorded {
             match e {
                 Some(e) if e.esource() == &ErrorSource::Upstream => ctx.record(outcome(Some(e), 0)),
-                _ if choice.probe => {
-                    if let Some(pool) = ctx.pool() {
-                        pool.abandon_probe(choice.id);
-                    }
-                }
-                _ => {}
+                _ => ctx.abandon_attempt(),
             }
         }
         ctx.backend_in_flight = None;
 
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let written = session.response_written().map(|r| r.status.as_u16());
+        let status = match (written, ctx.cut) {
+            (Some(status), _) => status,
+            (None, Some(Cut::ClientAborted)) => CLIENT_CLOSED_REQUEST,
+            (None, _) => 0,
+        };
         let elapsed = ctx.started.elapsed();
         let route_metrics = ctx
             .route
             .as_ref()
             .map_or(&ctx.snapshot.unrouted, |r| &r.metrics);
         route_metrics.observe(status, elapsed.as_secs_f64());
+        if ctx.cut == Some(Cut::UpstreamTruncated) {
+            route_metrics.truncated.inc();
+        }
 
         if !self.access_log.enabled() {
             return;
@@ -474,8 +537,23 @@ impl ProxyHttp for EdgeProxy {
             pool: pool.map(|p| p.name.as_str()),
             backend: backend.map(|b| b.label.as_str()),
             attempts: ctx.attempts(),
-            error: ctx.rejection.map(Rejection::code),
+            error: ctx
+                .cut
+                .map(Cut::code)
+                .or(ctx.rejection.map(Rejection::code)),
         });
+    }
+}
+
+/// nginx's status for a request whose client closed the connection before the answer.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Aborts a response that has started but cannot be completed: HTTP/1 closes the
+/// connection without finishing the body, HTTP/2 resets the stream.
+fn abort_response(session: &mut Session) {
+    session.set_keepalive(None);
+    if let ServerSession::H2(h2) = session.as_downstream_mut() {
+        h2.shutdown_with_reason(h2::Reason::INTERNAL_ERROR);
     }
 }
 

@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use common::{addr, client, free_ports, Edge};
 use serde_json::Value;
@@ -321,17 +320,6 @@ async fn access_log_has_one_json_line_per_request() {
     assert!(line["time"].as_str().unwrap().ends_with('Z'));
 }
 
-/// Sends raw bytes and returns everything the proxy answers before closing (bounded).
-async fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(common::DEADLINE, stream.read_to_end(&mut out)).await;
-    assert!(read.is_ok(), "the proxy kept a rejected connection open");
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn malformed_requests_get_400_and_the_connection_is_closed() {
     let upstream = common::fake_upstream("never").await;
@@ -354,7 +342,7 @@ routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
         b"GET /ok HTTP/1.1\r\nHost: a\r\nBad Header Name: x\r\n\r\n",
     ];
     for request in cases {
-        let answer = raw_exchange(edge.proxy, request).await;
+        let answer = common::raw_exchange(edge.proxy, request).await;
         assert!(
             answer.starts_with("HTTP/1.1 400"),
             "{:?} got {answer:?}",
@@ -363,7 +351,7 @@ routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
     }
     // Content-Length with Transfer-Encoding: framed by the encoding, and the connection is
     // closed after the answer, so bytes smuggled behind the body are never read as a request.
-    let answer = raw_exchange(
+    let answer = common::raw_exchange(
         edge.proxy,
         b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
     )
@@ -376,7 +364,7 @@ routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
 
     // The proxy still serves well-formed requests.
-    let answer = raw_exchange(
+    let answer = common::raw_exchange(
         edge.proxy,
         b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )

@@ -9,29 +9,11 @@ use common::{addr, free_ports, Edge};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Cert {
-    pem: String,
-}
-
-fn self_signed(dir: &std::path::Path, name: &str, hosts: &[&str]) -> Cert {
-    let generated =
-        rcgen::generate_simple_self_signed(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    let pem = generated.cert.pem();
-    common::write_file(dir, &format!("{name}.crt"), &pem);
-    common::write_file(
-        dir,
-        &format!("{name}.key"),
-        &generated.key_pair.serialize_pem(),
-    );
-    Cert { pem }
-}
-
 #[tokio::test]
 async fn terminates_tls_by_sni_and_speaks_http2() {
     let certs = tempfile::tempdir().unwrap();
-    let edge_cert = self_signed(certs.path(), "edge", &["edge.test"]);
-    let api_cert = self_signed(certs.path(), "api", &["*.api.test"]);
+    let edge_cert = common::self_signed(certs.path(), "edge", &["edge.test"]);
+    let api_cert = common::self_signed(certs.path(), "api", &["*.api.test"]);
     let p = free_ports(4);
     let d = certs.path().display();
     let yaml = format!(
@@ -63,8 +45,8 @@ routes: [{{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}]
         let mut builder = reqwest::Client::builder()
             .no_proxy()
             .use_rustls_tls()
-            .add_root_certificate(reqwest::Certificate::from_pem(edge_cert.pem.as_bytes()).unwrap())
-            .add_root_certificate(reqwest::Certificate::from_pem(api_cert.pem.as_bytes()).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(edge_cert.as_bytes()).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(api_cert.as_bytes()).unwrap())
             .resolve("edge.test", tls)
             .resolve("shop.api.test", tls);
         if http1_only {

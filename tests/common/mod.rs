@@ -324,6 +324,8 @@ pub struct Toggle {
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Requests received.
     pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Each answer waits this many milliseconds first.
+    pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Starts a [`Toggle`] upstream: `GET /ok` and `POST /ok` answer 200 with `x-upstream: <name>`
@@ -331,15 +333,20 @@ pub struct Toggle {
 pub async fn toggle_upstream(name: &'static str) -> Toggle {
     use axum::http::StatusCode;
     use axum::routing::get;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
     let failing = Arc::new(AtomicBool::new(false));
     let hits = Arc::new(AtomicUsize::new(0));
-    let (f, h) = (failing.clone(), hits.clone());
+    let delay_ms = Arc::new(AtomicU64::new(0));
+    let (f, h, d) = (failing.clone(), hits.clone(), delay_ms.clone());
     let answer = move || {
-        let (f, h) = (f.clone(), h.clone());
+        let (f, h, d) = (f.clone(), h.clone(), d.clone());
         async move {
             h.fetch_add(1, Ordering::SeqCst);
+            let delay = d.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             let status = if f.load(Ordering::SeqCst) {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
@@ -360,6 +367,7 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
         addr,
         failing,
         hits,
+        delay_ms,
     }
 }
 
@@ -420,4 +428,88 @@ pub async fn edge_for_pool(backends: &[SocketAddr], extra: &[&str]) -> Edge {
         list.join(", ")
     );
     Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
+}
+
+/// Sends raw bytes and returns everything the proxy answers before closing (bounded).
+pub async fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> String {
+    String::from_utf8_lossy(&raw_exchange_bytes(proxy, request).await).into_owned()
+}
+
+/// [`raw_exchange`], as bytes.
+pub async fn raw_exchange_bytes(proxy: SocketAddr, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the proxy kept the connection open");
+    out
+}
+
+/// A self-signed certificate for `hosts`, written as `<name>.crt` and `<name>.key` in `dir`;
+/// returns the certificate's PEM.
+pub fn self_signed(dir: &Path, name: &str, hosts: &[&str]) -> String {
+    let generated =
+        rcgen::generate_simple_self_signed(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let pem = generated.cert.pem();
+    write_file(dir, &format!("{name}.crt"), &pem);
+    write_file(
+        dir,
+        &format!("{name}.key"),
+        &generated.key_pair.serialize_pem(),
+    );
+    pem
+}
+
+/// How a [`dying_upstream`] frames the body it never finishes.
+#[derive(Debug, Clone, Copy)]
+pub enum Framing {
+    /// `Content-Length: 100`.
+    Length,
+    /// `Transfer-Encoding: chunked`, a 100-byte chunk cut off after 21 bytes.
+    Chunked,
+}
+
+/// An upstream that dies mid-response: every request gets a 200 promising 100 bytes of
+/// `fill`, 21 of them, then the connection closes. Counts the requests it received.
+pub async fn dying_upstream(
+    fill: u8,
+    framing: Framing,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let part = vec![fill; 21];
+                let mut answer = match framing {
+                    Framing::Length => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec(),
+                    Framing::Chunked => {
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n64\r\n".to_vec()
+                    }
+                };
+                answer.extend_from_slice(&part);
+                let _ = stream.write_all(&answer).await;
+                let _ = stream.flush().await;
+                // Let the part reach the proxy before the close does.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    (addr, hits)
 }

@@ -1,0 +1,239 @@
+//! Faults from either side of the proxy: an upstream that dies after it started answering
+//! must never have its response spliced with another attempt's, and a client that gives up
+//! is the client's outcome, never the backend's.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{addr, free_ports, Edge, Framing};
+use serde_json::Value;
+
+/// A proxy with one pool `app` of `backends` routed from `/`, that retries twice, logs to
+/// `access.log`, and has the extra `listeners` and pool keys given.
+async fn edge(backends: &[SocketAddr], listeners: &str, extra: &str) -> Edge {
+    let p = free_ports(2);
+    let list: Vec<String> = backends
+        .iter()
+        .map(|a| format!("{{ address: {a} }}"))
+        .collect();
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: public, address: 127.0.0.1:{proxy} }}
+{listeners}
+admin: {{ address: 127.0.0.1:{admin} }}
+access_log: {{ output: access.log }}
+pools:
+  app:
+    backends: [{list}]
+    retries: {{ attempts: 2, backoff: {{ base: 1ms, max: 1ms }} }}
+    {extra}
+routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
+"#,
+        proxy = p[0],
+        admin = p[1],
+        list = list.join(", "),
+    );
+    Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
+}
+
+/// The access-log lines once there are `n` of them.
+async fn access_lines(edge: &Edge, n: usize) -> Vec<Value> {
+    let path = edge.dir.path().join("access.log");
+    common::wait_for(&format!("{n} access-log lines"), || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every access-log line is JSON"))
+            .collect();
+        std::future::ready((lines.len() >= n).then_some(lines))
+    })
+    .await
+}
+
+/// The value of the metric line starting with `series` (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn assert_truncated_not_spliced(framing: Framing) {
+    let (a, a_hits) = common::dying_upstream(b'a', framing).await;
+    let (b, b_hits) = common::dying_upstream(b'b', framing).await;
+    let edge = edge(&[a, b], "", "outlier: { enabled: false }").await;
+
+    let answer =
+        common::raw_exchange_bytes(edge.proxy, b"GET /file HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+            .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let head_end = text.find("\r\n\r\n").unwrap() + 4;
+    let body = &answer[head_end..];
+    let from_a = body.iter().filter(|&&c| c == b'a').count();
+    let from_b = body.iter().filter(|&&c| c == b'b').count();
+    assert!(
+        (from_a == 21 && from_b == 0) || (from_a == 0 && from_b == 21),
+        "one backend's part, never both: {text:?}"
+    );
+    match framing {
+        Framing::Length => assert!(body.len() < 100, "{text:?}"),
+        Framing::Chunked => assert!(
+            !text.ends_with("0\r\n\r\n"),
+            "a truncated chunked body must not be terminated: {text:?}"
+        ),
+    }
+    assert_eq!(
+        a_hits.load(Ordering::SeqCst) + b_hits.load(Ordering::SeqCst),
+        1,
+        "a response that has started is never retried"
+    );
+
+    let line = &access_lines(&edge, 1).await[0];
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "upstream_truncated", "{line}");
+    assert_eq!(line["attempts"], 1, "{line}");
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"kingdom_edge_responses_truncated_total{route="app"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_dying_mid_body_truncates_the_response_with_content_length() {
+    assert_truncated_not_spliced(Framing::Length).await;
+}
+
+#[tokio::test]
+async fn an_upstream_dying_mid_body_truncates_the_chunked_response() {
+    assert_truncated_not_spliced(Framing::Chunked).await;
+}
+
+#[tokio::test]
+async fn an_upstream_dying_mid_body_resets_the_http2_stream() {
+    let certs = tempfile::tempdir().unwrap();
+    let pem = common::self_signed(certs.path(), "edge", &["edge.test"]);
+    let (a, a_hits) = common::dying_upstream(b'a', Framing::Length).await;
+    let (b, b_hits) = common::dying_upstream(b'b', Framing::Chunked).await;
+    let tls = addr(free_ports(1)[0]);
+    let d = certs.path().display();
+    let listener = format!(
+        "  - {{ name: tls, address: {tls}, tls: {{ certificates: [{{ cert: {d}/edge.crt, key: {d}/edge.key }}], http2: true }} }}"
+    );
+    let edge = edge(&[a, b], &listener, "outlier: { enabled: false }").await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .resolve("edge.test", tls)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+
+    // Both framings upstream, alternately: neither may end the stream as if complete.
+    for round in 0..2 {
+        let response = client
+            .get(format!("https://edge.test:{}/file", tls.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        let body = response.bytes().await;
+        assert!(
+            body.is_err(),
+            "round {round}: the stream must be reset, not ended: {body:?}"
+        );
+    }
+    assert_eq!(
+        a_hits.load(Ordering::SeqCst) + b_hits.load(Ordering::SeqCst),
+        2,
+        "never retried"
+    );
+    let lines = access_lines(&edge, 2).await;
+    assert!(
+        lines.iter().all(|l| l["error"] == "upstream_truncated"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn clients_giving_up_never_eject_a_backend_or_cause_retries() {
+    let slow = common::toggle_upstream("slow").await;
+    slow.delay_ms.store(2_000, Ordering::SeqCst);
+    let edge = edge(
+        &[slow.addr],
+        "",
+        "outlier: { consecutive_failures: 3, base_ejection: 60s }",
+    )
+    .await;
+
+    // Twelve impatient clients, each gone long before the backend answers.
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(tokio::spawn(impatient.get(edge.url("/ok")).send()));
+    }
+    for client in clients {
+        assert!(client.await.unwrap().is_err(), "the client timed out");
+    }
+    let lines = access_lines(&edge, 12).await;
+    for line in &lines {
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["error"], "client_aborted", "{line}");
+        assert_eq!(line["attempts"], 1, "{line}");
+    }
+    assert_eq!(
+        slow.hits.load(Ordering::SeqCst),
+        12,
+        "an aborted request is never sent again"
+    );
+
+    let status = common::wait_for("the aborted requests to leave the pool", || {
+        let status = edge.status();
+        async move {
+            let status = status.await;
+            let pool = &status["pools"][0];
+            (pool["in_flight"] == 0 && pool["backends"][0]["in_flight"] == 0).then_some(status)
+        }
+    })
+    .await;
+    let backend = &status["pools"][0]["backends"][0];
+    assert_eq!(backend["breaker"], "closed", "{status}");
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"kingdom_edge_requests_total{code="499",route="app"}"#
+        ),
+        12.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
+        0.0
+    );
+
+    // The backend still takes traffic.
+    slow.delay_ms.store(0, Ordering::SeqCst);
+    let response = common::client().get(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-upstream"], "slow");
+}
