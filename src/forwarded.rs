@@ -92,6 +92,7 @@ mod tests {
         ServerSettings {
             threads: 1,
             shutdown_timeout: Duration::from_secs(1),
+            shutdown_delay: Duration::ZERO,
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
         }
     }

@@ -21,6 +21,7 @@
 //! forwards WebSocket upgrades.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,6 +55,8 @@ pub struct EdgeProxy {
     access_log: Arc<AccessLog>,
     /// Whether this listener terminates TLS (for `X-Forwarded-Proto` and `Secure` cookies).
     tls: bool,
+    /// Set from SIGTERM on: HTTP/1 responses close their connection.
+    draining: Arc<AtomicBool>,
 }
 
 impl EdgeProxy {
@@ -63,12 +66,14 @@ impl EdgeProxy {
         metrics: Arc<Metrics>,
         access_log: Arc<AccessLog>,
         tls: bool,
+        draining: Arc<AtomicBool>,
     ) -> Self {
         Self {
             store,
             metrics,
             access_log,
             tls,
+            draining,
         }
     }
 }
@@ -427,10 +432,15 @@ impl ProxyHttp for EdgeProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if self.draining.load(Ordering::Relaxed) {
+            // `Connection: close`, so clients move to new connections while the listeners
+            // still accept them, instead of meeting a closed keep-alive connection later.
+            session.set_keepalive(None);
+        }
         response.remove_header(&header::SERVER);
         response.remove_header("x-powered-by");
         response.insert_header("x-request-id", &ctx.request_id)?;

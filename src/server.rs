@@ -20,7 +20,7 @@ use crate::health;
 use crate::live::LiveState;
 use crate::metrics::Metrics;
 use crate::proxy::EdgeProxy;
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, Signals};
 use crate::snapshot::{ConfigStore, Snapshot};
 use crate::supervisor::Supervisor;
 use crate::tls;
@@ -131,6 +131,7 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
             metrics.clone(),
             access_log.clone(),
             tls.is_some(),
+            draining.clone(),
         );
         let mut service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
@@ -181,6 +182,10 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         ));
     }
 
+    let signals = Signals {
+        delay: snapshot.server.shutdown_delay,
+        draining: draining.clone(),
+    };
     let drain = Drain {
         in_flight: metrics.in_flight.clone(),
         timeout: shutdown_timeout,
@@ -204,7 +209,9 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
     // has already dropped the supervisor's tasks, which kills the children; make sure of it.
     let (supervisor, access_log) = (drain.supervisor.clone(), drain.access_log.clone());
     drain.watch(phases);
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
     supervisor.stop();
     access_log.flush(Duration::from_secs(1));
     std::process::exit(0)

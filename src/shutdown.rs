@@ -1,14 +1,21 @@
-//! Graceful shutdown that ends when the work does. On SIGTERM Pingora closes the listeners and
-//! then sleeps a fixed grace period; this watcher exits the process as soon as no request is in
-//! flight (or `server.shutdown_timeout` passes), after stopping the sidecars.
+//! Graceful shutdown that ends when the work does.
+//!
+//! SIGTERM first starts a lame-duck period (`server.shutdown_delay`): `/ready` answers 503 and
+//! HTTP/1 responses say `Connection: close` while the listeners still accept, so a load
+//! balancer has time to stop sending and clients move off their keep-alive connections. Then
+//! Pingora closes the listeners, sends HTTP/2 clients `GOAWAY` and sleeps a fixed grace
+//! period; the drain watcher exits the process as soon as no request is in flight (or
+//! `server.shutdown_timeout` passes), after stopping the sidecars.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pingora::server::ExecutionPhase;
+use async_trait::async_trait;
+use pingora::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch};
 use prometheus::IntGauge;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::access_log::AccessLog;
@@ -18,6 +25,56 @@ use crate::supervisor::Supervisor;
 const POLL: Duration = Duration::from_millis(10);
 /// How long sidecars get to exit after their SIGTERM.
 const SIDECAR_GRACE: Duration = Duration::from_secs(5);
+
+/// The process's stop signals, with a lame-duck period before a graceful stop:
+/// `SIGTERM` graceful stop, `SIGINT` immediate stop (also during the lame-duck period),
+/// `SIGQUIT` Pingora's graceful upgrade.
+pub struct Signals {
+    /// The lame-duck period.
+    pub delay: Duration,
+    /// Set at SIGTERM, for `/ready` and `Connection: close`.
+    pub draining: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut quit = listen(SignalKind::quit());
+        let mut terminate = listen(SignalKind::terminate());
+        let mut interrupt = listen(SignalKind::interrupt());
+        tokio::select! {
+            _ = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
+            _ = next(&mut interrupt) => ShutdownSignal::FastShutdown,
+            _ = next(&mut terminate) => {
+                self.draining.store(true, Ordering::Release);
+                tracing::info!(
+                    "SIGTERM: not ready; listeners keep accepting for {:?}, then drain",
+                    self.delay
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(self.delay) => ShutdownSignal::GracefulTerminate,
+                    _ = next(&mut interrupt) => ShutdownSignal::FastShutdown,
+                }
+            }
+        }
+    }
+}
+
+fn listen(kind: SignalKind) -> Option<Signal> {
+    signal(kind)
+        .inspect_err(|e| tracing::error!("cannot handle signal {kind:?}: {e}"))
+        .ok()
+}
+
+/// The next delivery of `signal`; never, if it could not be registered.
+async fn next(signal: &mut Option<Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
 
 /// What a drain needs to watch and stop.
 pub struct Drain {

@@ -46,6 +46,8 @@ pub struct ServerSettings {
     pub threads: usize,
     /// Longest SIGTERM waits for in-flight requests.
     pub shutdown_timeout: Duration,
+    /// The lame-duck period between SIGTERM and the drain.
+    pub shutdown_delay: Duration,
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -261,6 +263,7 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
         );
     }
     let shutdown_timeout = s.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0);
+    let shutdown_delay = s.shutdown_delay.map_or(Duration::ZERO, |d| d.0);
     let mut trusted_proxies = Vec::new();
     for (i, text) in s.trusted_proxies.iter().enumerate() {
         let net = text
@@ -277,6 +280,7 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
     (errors.len() == start).then_some(ServerSettings {
         threads,
         shutdown_timeout,
+        shutdown_delay,
         trusted_proxies,
     })
 }

@@ -165,6 +165,126 @@ routes: [{{ name: idle, match: {{ path_prefix: / }}, pool: idle }}]
     assert!(edge.wait_exit().await.success());
 }
 
+/// A proxy in front of one fake upstream, with the given `server:` settings.
+async fn edge_with_server(server: &str) -> Edge {
+    let p = free_ports(2);
+    let upstream = common::fake_upstream("up").await;
+    let yaml = format!(
+        r#"
+server: {server}
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+pools: {{ up: {{ backends: [{{ address: {upstream} }}] }} }}
+routes: [{{ name: up, match: {{ path_prefix: / }}, pool: up }}]
+"#,
+        p[0], p[1]
+    );
+    Edge::start(&yaml, addr(p[0]), addr(p[1])).await
+}
+
+async fn wait_not_ready(edge: &Edge) {
+    let http = client();
+    let url = format!("http://{}/ready", edge.admin);
+    wait_for("/ready to answer 503", || {
+        let request = http.get(&url).send();
+        async move { request.await.ok().filter(|r| r.status() == 503).map(|_| ()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_starts_a_lame_duck_period_that_still_serves_with_connection_close() {
+    let mut edge = edge_with_server("{ shutdown_delay: 60s, shutdown_timeout: 60s }").await;
+    let http = client();
+    let before = http.get(edge.url("/ok")).send().await.unwrap();
+    assert_ne!(
+        before.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+
+    edge.signal(Signal::SIGTERM);
+    wait_not_ready(&edge).await;
+    // Not ready, but new connections are still accepted and answered, each told to close.
+    for _ in 0..3 {
+        let answer =
+            common::raw_exchange(edge.proxy, b"GET /ok HTTP/1.1\r\nHost: edge.test\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    // A keep-alive connection from before the signal is told to close too.
+    let response = http.get(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["connection"], "close");
+    assert!(edge.try_wait().is_none(), "still in the lame-duck period");
+
+    // SIGINT ends it at once.
+    edge.signal(Signal::SIGINT);
+    edge.wait_exit().await;
+}
+
+#[tokio::test]
+async fn sigterm_under_load_fails_no_request() {
+    let mut edge = edge_with_server("{ shutdown_delay: 2s, shutdown_timeout: 30s }").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Clients that, like a load balancer's, stop sending once /ready fails.
+    let balancer = {
+        let (stop, url) = (stop.clone(), format!("http://{}/ready", edge.admin));
+        tokio::spawn(async move {
+            let http = client();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(r) = http.get(&url).send().await {
+                    if r.status() == 503 {
+                        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, url) = (stop.clone(), edge.url("/ok"));
+        clients.push(tokio::spawn(async move {
+            let http = client();
+            let (mut ok, mut failed) = (0, Vec::new());
+            for _ in 0..100_000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(format!("{e:?}")),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    wait_for("some load", || {
+        let metrics = edge.metrics();
+        async move {
+            metrics
+                .await
+                .contains(r#"code="200",route="up"} 1"#)
+                .then_some(())
+        }
+    })
+    .await;
+    edge.signal(Signal::SIGTERM);
+    let mut served = 0;
+    for client in clients {
+        let (ok, failed) = client.await.unwrap();
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        served += ok;
+    }
+    balancer.await.unwrap();
+    assert!(served > 0);
+    assert!(edge.wait_exit().await.success());
+}
+
 fn check(yaml: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = common::write_file(dir.path(), "edge.yaml", yaml);

@@ -32,6 +32,9 @@ pub struct RawServer {
     pub threads: Option<usize>,
     /// How long SIGTERM waits for in-flight requests. Default: 30s.
     pub shutdown_timeout: Option<Dur>,
+    /// After SIGTERM, how long `/ready` answers 503 while the listeners still accept, before
+    /// the drain starts. Default: 0s.
+    pub shutdown_delay: Option<Dur>,
     /// Peers whose `X-Forwarded-*` headers are believed. Default: none.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
