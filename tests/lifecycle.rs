@@ -141,19 +141,7 @@ routes:
 
 #[tokio::test]
 async fn sigterm_on_an_idle_proxy_exits_at_once() {
-    let p = free_ports(2);
-    let upstream = common::fake_upstream("idle").await;
-    let yaml = format!(
-        r#"
-server: {{ shutdown_timeout: 60s }}
-listeners: [{{ name: public, address: 127.0.0.1:{} }}]
-admin: {{ address: 127.0.0.1:{} }}
-pools: {{ idle: {{ backends: [{{ address: {upstream} }}] }} }}
-routes: [{{ name: idle, match: {{ path_prefix: / }}, pool: idle }}]
-"#,
-        p[0], p[1]
-    );
-    let mut edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    let mut edge = edge_with_server("{ shutdown_timeout: 60s }").await;
     // Leave an idle keep-alive connection open: it must not hold the exit back.
     let http = client();
     assert_eq!(
@@ -182,16 +170,6 @@ routes: [{{ name: up, match: {{ path_prefix: / }}, pool: up }}]
     Edge::start(&yaml, addr(p[0]), addr(p[1])).await
 }
 
-async fn wait_not_ready(edge: &Edge) {
-    let http = client();
-    let url = format!("http://{}/ready", edge.admin);
-    wait_for("/ready to answer 503", || {
-        let request = http.get(&url).send();
-        async move { request.await.ok().filter(|r| r.status() == 503).map(|_| ()) }
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn sigterm_starts_a_lame_duck_period_that_still_serves_with_connection_close() {
     let mut edge = edge_with_server("{ shutdown_delay: 60s, shutdown_timeout: 60s }").await;
@@ -203,7 +181,7 @@ async fn sigterm_starts_a_lame_duck_period_that_still_serves_with_connection_clo
     );
 
     edge.signal(Signal::SIGTERM);
-    wait_not_ready(&edge).await;
+    edge.wait_ready_status(503).await;
     // Not ready, but new connections are still accepted and answered, each told to close.
     for _ in 0..3 {
         let answer =

@@ -168,11 +168,16 @@ impl Edge {
 
     /// Waits until `/ready` answers 200.
     pub async fn wait_ready(&self) {
+        self.wait_ready_status(200).await;
+    }
+
+    /// Waits until `/ready` answers `status`.
+    pub async fn wait_ready_status(&self, status: u16) {
         let http = client();
         let url = format!("http://{}/ready", self.admin);
-        wait_for("/ready to answer 200", || {
+        wait_for(&format!("/ready to answer {status}"), || {
             let req = http.get(&url).send();
-            async move { req.await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+            async move { req.await.ok().filter(|r| r.status() == status).map(|_| ()) }
         })
         .await;
     }
