@@ -70,10 +70,10 @@ pub struct PoolRequest {
 }
 
 impl PoolRequest {
-    /// Takes a retry from the pool's budget, if it has room.
-    pub fn try_retry(&mut self, policy: &RetryPolicy) -> bool {
+    /// Takes a retry from the pool's budget, if it has room; the pool has `backends`.
+    pub fn try_retry(&mut self, policy: &RetryPolicy, backends: usize) -> bool {
         let active = self.pool.in_flight.load(Ordering::Acquire);
-        let granted = self.pool.retry_budget.try_acquire(policy, active);
+        let granted = self.pool.retry_budget.try_acquire(policy, active, backends);
         self.retries += u64::from(granted);
         granted
     }

@@ -4,6 +4,8 @@
 //! Closed → (N consecutive failures) → Open for `base_ejection × times ejected` (capped at
 //! `max_ejection`) → HalfOpen: one probe request → success closes, failure opens again.
 //! The multiplier is forgotten once the backend has stayed closed for `max_ejection`.
+//! Evidence that the backend is back (a passing active health check, its sidecar restarted and
+//! listening) ends an ejection early: Open → HalfOpen at once.
 //! Time is passed in, so every transition is tested with a fake clock.
 
 use std::time::{Duration, Instant};
@@ -196,6 +198,16 @@ impl Breaker {
         }
     }
 
+    /// Ends an ejection early, because there is outside evidence the backend is back: the
+    /// next request is the half-open probe. True if it was open.
+    pub fn end_ejection(&mut self, now: Instant) -> bool {
+        let open = matches!(self.state, BreakerState::Open { until } if now < until);
+        if open {
+            self.state = BreakerState::Open { until: now };
+        }
+        open
+    }
+
     /// A probe that ended with no outcome (the client went away): let another probe go.
     pub fn probe_abandoned(&mut self) {
         if self.state == (BreakerState::HalfOpen { probing: true }) {
@@ -362,5 +374,25 @@ mod tests {
         assert_eq!(b.admit(t1), Admission::Probe);
         b.probe_abandoned();
         assert_eq!(b.admit(t1), Admission::Probe);
+    }
+
+    #[test]
+    fn outside_evidence_ends_an_ejection_early() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        assert!(!b.end_ejection(t0), "nothing to end while closed");
+        assert_eq!(
+            fail(&mut b, t0, 3),
+            Some(Transition::Ejected(Duration::from_secs(10)))
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(b.end_ejection(t1));
+        assert_eq!(b.state(t1), BreakerState::HalfOpen { probing: false });
+        assert_eq!(b.admit(t1), Admission::Probe);
+        assert!(!b.end_ejection(t1), "a probe in flight is left alone");
+        assert_eq!(
+            b.on_result(t1, Outcome::Ok, &policy(), true),
+            Some(Transition::Closed)
+        );
     }
 }

@@ -294,6 +294,16 @@ impl Pool {
         }
     }
 
+    /// Ends the ejection of the backend at `address`, if it is ejected: there is evidence it
+    /// is back, so its next request is the half-open probe.
+    pub fn end_ejection(&self, address: std::net::SocketAddr, now: Instant) {
+        for backend in self.backends.iter().filter(|b| b.address == address) {
+            if backend.state.breaker().end_ejection(now) {
+                tracing::info!(pool = %self.name, backend = %backend.label, "ejection ended early: backend is back");
+            }
+        }
+    }
+
     /// A half-open probe that ended without an outcome.
     pub fn abandon_probe(&self, id: BackendId) {
         if let Some(backend) = self.backends.get(id) {
@@ -310,6 +320,9 @@ impl Pool {
             .state
             .health()
             .on_probe(policy, passed, detail.clone());
+        if passed {
+            self.end_ejection(backend.address, now);
+        }
         if let Some(healthy) = changed {
             backend.state.healthy_gauge.set(i64::from(healthy));
             backend.state.set_available(healthy, now);

@@ -157,13 +157,19 @@ impl RequestCtx {
 
     /// Whether another attempt is allowed: attempts left, and room in the pool's budget.
     fn may_retry(&mut self) -> bool {
+        self.may_retry_with(true)
+    }
+
+    /// [`Self::may_retry`]; `budgeted: false` for a retry that needs no room in the budget.
+    fn may_retry_with(&mut self, budgeted: bool) -> bool {
         let Some(pool) = self.route.as_ref().map(|r| r.pool.clone()) else {
             return false;
         };
         let Some(request) = self.pool_request.as_mut() else {
             return false;
         };
-        self.tried.len() as u32 <= pool.retries.attempts && request.try_retry(&pool.retries)
+        self.tried.len() as u32 <= pool.retries.attempts
+            && (!budgeted || request.try_retry(&pool.retries, pool.backends.len()))
     }
 }
 
@@ -359,8 +365,11 @@ impl ProxyHttp for EdgeProxy {
             _ => Outcome::ConnectError,
         };
         ctx.record(failure);
-        // Nothing reached the upstream: any method may be retried.
-        let retry = ctx.may_retry();
+        // Nothing reached the upstream: any method may be retried. A refused connection
+        // costs the backends nothing, so its retry needs no room in the budget (which is
+        // there to keep retries from multiplying the load on struggling backends).
+        let refused = e.etype() == &ErrorType::ConnectRefused;
+        let retry = ctx.may_retry_with(!refused);
         e.set_retry(retry);
         e
     }

@@ -2,7 +2,9 @@
 //!
 //! The budget follows Envoy's: retries in progress may not exceed `budget_percent` of the
 //! pool's requests in progress, with a floor so a quiet pool can still retry. A failing pool
-//! therefore sees at most a few percent more traffic, never a multiple of it.
+//! therefore sees at most a few percent more traffic, never a multiple of it. The floor is
+//! also never below one backend's share of the requests in progress, so losing a single
+//! backend of a small pool (a third of the traffic of three) costs no client a failure.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -42,10 +44,13 @@ pub struct RetryBudget {
 
 impl RetryBudget {
     /// Takes a place for one more retry if fewer than the budget allows are in progress,
-    /// given `active` requests in progress. Each success needs a [`Self::release`].
-    pub fn try_acquire(&self, policy: &RetryPolicy, active: u64) -> bool {
+    /// given `active` requests in progress over `backends` backends. Each success needs a
+    /// [`Self::release`].
+    pub fn try_acquire(&self, policy: &RetryPolicy, active: u64, backends: usize) -> bool {
+        let one_backends_share = active.div_ceil((backends as u64).max(1));
         let allowed = (active * u64::from(policy.budget_percent) / 100)
-            .max(u64::from(policy.min_concurrency));
+            .max(u64::from(policy.min_concurrency))
+            .max(one_backends_share);
         self.retrying
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < allowed).then_some(n + 1)
@@ -98,18 +103,26 @@ mod tests {
         let budget = RetryBudget::default();
         let p = policy();
         // Little traffic: the floor of 3 applies.
-        let granted = (0..5).filter(|_| budget.try_acquire(&p, 1)).count();
+        let granted = (0..5).filter(|_| budget.try_acquire(&p, 1, 10)).count();
         assert_eq!(granted, 3);
         budget.release(3);
 
         // 100 requests in progress: 20% may be retries.
-        let granted = (0..50).filter(|_| budget.try_acquire(&p, 100)).count();
+        let granted = (0..50).filter(|_| budget.try_acquire(&p, 100, 10)).count();
         assert_eq!(granted, 20);
-        assert!(!budget.try_acquire(&p, 100));
+        assert!(!budget.try_acquire(&p, 100, 10));
         budget.release(1);
         assert!(
-            budget.try_acquire(&p, 100),
+            budget.try_acquire(&p, 100, 10),
             "places return when requests end"
         );
+        budget.release(20);
+
+        // Three backends: one backend's share (a third) may always retry.
+        let granted = (0..50).filter(|_| budget.try_acquire(&p, 100, 3)).count();
+        assert_eq!(granted, 34);
+        budget.release(34);
+        let granted = (0..50).filter(|_| budget.try_acquire(&p, 12, 3)).count();
+        assert_eq!(granted, 4);
     }
 }

@@ -95,7 +95,17 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
     let access_log = Arc::new(
         AccessLog::open(&snapshot.access_log, metrics.clone()).map_err(StartError::AccessLog)?,
     );
-    let supervisor = Arc::new(Supervisor::new(&snapshot.sidecars, &metrics));
+    let store = Arc::new(ConfigStore::new(snapshot));
+    let snapshot = store.load();
+    let supervisor = Arc::new(Supervisor::new(&snapshot.sidecars, &metrics, {
+        let store = store.clone();
+        Box::new(move |address| {
+            let now = std::time::Instant::now();
+            for pool in &store.load().pools {
+                pool.end_ejection(address, now);
+            }
+        })
+    }));
     let draining = Arc::new(AtomicBool::new(false));
     let shutdown_timeout = snapshot.server.shutdown_timeout;
 
@@ -123,8 +133,6 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         .as_ref()
         .map(|a| format!("http://{}", a.address));
 
-    let store = Arc::new(ConfigStore::new(snapshot));
-    let snapshot = store.load();
     for (listener, tls) in snapshot.listeners.iter().zip(tls_settings) {
         let proxy = EdgeProxy::new(
             store.clone(),

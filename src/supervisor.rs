@@ -28,6 +28,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A child that ran this long is considered healthy again: the next restart is quick.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// How long a restarted child has to start listening before nobody is told it is back.
+const LISTEN_WAIT: Duration = Duration::from_secs(30);
+
+/// Told the address of a restarted child as soon as it accepts connections again.
+pub type OnBack = Box<dyn Fn(SocketAddr) + Send + Sync>;
 
 /// Supervises every sidecar process.
 pub struct Supervisor {
@@ -36,6 +41,7 @@ pub struct Supervisor {
     stop_requested: Notify,
     running: Mutex<usize>,
     exited: Condvar,
+    on_back: OnBack,
 }
 
 /// One supervised child: a sidecar at one address.
@@ -58,7 +64,8 @@ pub struct ProcessStatus {
 
 impl Supervisor {
     /// Plans one process per address of every sidecar; nothing starts until [`Self::run`].
-    pub fn new(sidecars: &[Sidecar], metrics: &Metrics) -> Self {
+    /// `on_back` hears of each restarted child once it listens again.
+    pub fn new(sidecars: &[Sidecar], metrics: &Metrics, on_back: OnBack) -> Self {
         let processes = sidecars
             .iter()
             .flat_map(|s| {
@@ -78,6 +85,7 @@ impl Supervisor {
             stop_requested: Notify::new(),
             running: Mutex::new(0),
             exited: Condvar::new(),
+            on_back,
         }
     }
 
@@ -110,7 +118,7 @@ impl Supervisor {
             }
             first = false;
             let started = Instant::now();
-            match self.run_once(&process).await {
+            match self.run_once(&process, !first).await {
                 Ok(status) if self.stopping.load(Ordering::Acquire) => {
                     tracing::info!(sidecar = %name, address = %process.address, %status, "sidecar stopped")
                 }
@@ -129,7 +137,11 @@ impl Supervisor {
         }
     }
 
-    async fn run_once(&self, process: &Process) -> std::io::Result<std::process::ExitStatus> {
+    async fn run_once(
+        &self,
+        process: &Process,
+        restarted: bool,
+    ) -> std::io::Result<std::process::ExitStatus> {
         let program = resolve(&process.sidecar.command).ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -162,7 +174,24 @@ impl Supervisor {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(relay(err, process.sidecar.name.clone(), process.address));
         }
-        let status = child.wait().await;
+        let wait = child.wait();
+        tokio::pin!(wait);
+        let mut exited = None;
+        if restarted {
+            // Tell whoever ejected the old process that the new one is up, as soon as it is.
+            tokio::select! {
+                status = &mut wait => exited = Some(status),
+                listening = listening_within(process.address, LISTEN_WAIT) => {
+                    if listening {
+                        (self.on_back)(process.address);
+                    }
+                }
+            }
+        }
+        let status = match exited {
+            Some(status) => status,
+            None => wait.await,
+        };
         process.pid.store(0, Ordering::Release);
         *self.lock_running() -= 1;
         self.exited.notify_all();
@@ -207,6 +236,22 @@ impl Supervisor {
     fn lock_running(&self) -> std::sync::MutexGuard<'_, usize> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether `address` accepts a TCP connection within `wait`, trying every 20 ms.
+async fn listening_within(address: SocketAddr, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(250),
+            tokio::net::TcpStream::connect(address),
+        );
+        if let Ok(Ok(_)) = attempt.await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
 
 /// How to start a sidecar.

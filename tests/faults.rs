@@ -54,14 +54,6 @@ async fn access_lines(edge: &Edge, n: usize) -> Vec<Value> {
     .await
 }
 
-/// The value of the metric line starting with `series` (0 when absent).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn assert_truncated_not_spliced(framing: Framing) {
     let (a, a_hits) = common::dying_upstream(b'a', framing).await;
     let (b, b_hits) = common::dying_upstream(b'b', framing).await;
@@ -99,7 +91,7 @@ async fn assert_truncated_not_spliced(framing: Framing) {
     assert_eq!(line["attempts"], 1, "{line}");
     let metrics = edge.metrics().await;
     assert_eq!(
-        metric(
+        common::metric(
             &metrics,
             r#"kingdom_edge_responses_truncated_total{route="app"}"#
         ),
@@ -107,7 +99,7 @@ async fn assert_truncated_not_spliced(framing: Framing) {
         "{metrics}"
     );
     assert_eq!(
-        metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
+        common::metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
         0.0
     );
 }
@@ -219,7 +211,7 @@ async fn clients_giving_up_never_eject_a_backend_or_cause_retries() {
     assert_eq!(backend["breaker"], "closed", "{status}");
     let metrics = edge.metrics().await;
     assert_eq!(
-        metric(
+        common::metric(
             &metrics,
             r#"kingdom_edge_requests_total{code="499",route="app"}"#
         ),
@@ -227,7 +219,7 @@ async fn clients_giving_up_never_eject_a_backend_or_cause_retries() {
         "{metrics}"
     );
     assert_eq!(
-        metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
+        common::metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
         0.0
     );
 

@@ -18,8 +18,14 @@ fn sidecar_pid(status: &Value, address: &str) -> Option<i32> {
         .map(|p| p as i32)
 }
 
+fn breaker<'a>(status: &'a Value, address: &str) -> &'a Value {
+    let backends = status["pools"][0]["backends"].as_array().unwrap();
+    &backends.iter().find(|b| b["address"] == address).unwrap()["breaker"]
+}
+
 #[tokio::test]
-async fn a_killed_sidecar_is_restarted() {
+async fn a_killed_sidecar_is_restarted_and_readmitted_as_soon_as_it_listens() {
+    let other = common::fake_upstream("other").await;
     let p = free_ports(3);
     let api = format!("127.0.0.1:{}", p[2]);
     let yaml = format!(
@@ -29,7 +35,9 @@ admin: {{ address: 127.0.0.1:{admin} }}
 sidecars:
   - {{ name: api, command: kingdom-api, addresses: [{api}], env: {{ KINGDOM_API_SECRET: integration-test-secret }} }}
 pools:
-  api: {{ backends: [{{ address: {api} }}] }}
+  api:
+    backends: [{{ address: {api} }}, {{ address: {other} }}]
+    outlier: {{ consecutive_failures: 1, base_ejection: 5m }}
 routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
 "#,
         proxy = p[0],
@@ -48,6 +56,16 @@ routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
 
     let first = sidecar_pid(&edge.status().await, &api).expect("the sidecar runs");
     kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    // Traffic finds it dead and ejects it, for five minutes.
+    wait_for("the dead sidecar to be ejected", || {
+        let (request, status) = (http.get(edge.url("/v1/echo")).send(), edge.status());
+        let api = api.clone();
+        async move {
+            let _ = request.await;
+            (breaker(&status.await, &api) != "closed").then_some(())
+        }
+    })
+    .await;
 
     let second = wait_for("a new sidecar process", || {
         let status = edge.status();
@@ -56,9 +74,21 @@ routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
     })
     .await;
     assert_ne!(first, second);
-    wait_for("requests to succeed again", || {
-        let request = http.get(edge.url("/v1/echo")).send();
-        async move { request.await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+    // Its restart, once it listens, ends the ejection: the next request to it closes the
+    // breaker, long before the five minutes are up.
+    wait_for("the restarted sidecar to be readmitted", || {
+        let (request, status) = (http.get(edge.url("/v1/echo")).send(), edge.status());
+        let api = api.clone();
+        async move {
+            let response = request.await.ok().filter(|r| r.status() == 200)?;
+            let readmitted = breaker(&status.await, &api) == "closed";
+            (readmitted
+                && response
+                    .headers()
+                    .get("x-instance")
+                    .is_some_and(|v| v == api.as_str()))
+            .then_some(())
+        }
     })
     .await;
     let status = edge.status().await;

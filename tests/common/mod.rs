@@ -518,3 +518,12 @@ pub async fn dying_upstream(
     });
     (addr, hits)
 }
+
+/// The value of the Prometheus series `series` (name and labels as rendered) in `text`, 0 when
+/// absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
