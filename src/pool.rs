@@ -90,6 +90,8 @@ pub struct Timeouts {
     pub write: Duration,
     /// Idle time before a pooled keep-alive connection is closed.
     pub idle: Duration,
+    /// The whole exchange, retries included (not for upgraded connections).
+    pub total: Option<Duration>,
 }
 
 /// What `consistent_hash` hashes.
@@ -400,11 +402,13 @@ pub fn compile(
         read: t.read.map_or(Duration::from_secs(30), |d| d.0),
         write: t.write.map_or(Duration::from_secs(30), |d| d.0),
         idle: t.idle.map_or(Duration::from_secs(60), |d| d.0),
+        total: t.total.map(|d| d.0),
     };
     for (key, value) in [
         ("connect", timeouts.connect),
         ("read", timeouts.read),
         ("write", timeouts.write),
+        ("total", timeouts.total.unwrap_or(Duration::MAX)),
     ] {
         nonzero(errors, &format!("{path}.timeouts.{key}"), value);
     }

@@ -23,7 +23,7 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -103,6 +103,8 @@ pub struct RequestCtx {
     backend_in_flight: Option<BackendInFlight>,
     /// Why the exchange ended early, once it has.
     cut: Option<Cut>,
+    /// When `timeouts.total` runs out, for routes whose pool sets it.
+    deadline: Option<Instant>,
     _in_flight: InFlight,
 }
 
@@ -168,7 +170,9 @@ impl RequestCtx {
         let Some(request) = self.pool_request.as_mut() else {
             return false;
         };
-        self.tried.len() as u32 <= pool.retries.attempts
+        let in_time = self.deadline.is_none_or(|d| Instant::now() < d);
+        in_time
+            && self.tried.len() as u32 <= pool.retries.attempts
             && (!budgeted || request.try_retry(&pool.retries, pool.backends.len()))
     }
 }
@@ -211,6 +215,7 @@ impl ProxyHttp for EdgeProxy {
             retrying_status: false,
             backend_in_flight: None,
             cut: None,
+            deadline: None,
             _in_flight: InFlight::new(&self.metrics.in_flight),
         }
     }
@@ -258,6 +263,9 @@ impl ProxyHttp for EdgeProxy {
         let too_large = matches!((route.max_body, declared), (Some(max), Some(len)) if len > max);
         let pool = route.pool.clone();
         ctx.route = Some(route);
+        if !session.is_upgrade_req() {
+            ctx.deadline = pool.timeouts.total.map(|total| ctx.started + total);
+        }
         if too_large {
             return answer(session, ctx, Rejection::BodyTooLarge).await;
         }
@@ -293,10 +301,17 @@ impl ProxyHttp for EdgeProxy {
         let Some(pool) = ctx.pool().cloned() else {
             return reject(ctx, Rejection::Internal);
         };
+        let left = ctx
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        if left == Some(Duration::ZERO) {
+            return reject(ctx, Rejection::UpstreamTimeout);
+        }
+        let within = |limit: Duration| left.map_or(limit, |left| limit.min(left));
         let retry = ctx.attempts();
         if retry > 0 {
             pool.metrics.retries.inc();
-            tokio::time::sleep(pool.retries.backoff(retry, fastrand::f64())).await;
+            tokio::time::sleep(within(pool.retries.backoff(retry, fastrand::f64()))).await;
         }
         let key = hash_key(&pool, session.req_header(), ctx.forwarded.as_ref());
         // Each attempt goes to a backend not tried yet, unless every one has been.
@@ -325,10 +340,12 @@ impl ProxyHttp for EdgeProxy {
         ctx.recorded = false;
         ctx.backend_in_flight = Some(backend.state.start_request());
         let mut peer = HttpPeer::new(backend.address, false, String::new());
+        // No single wait may outlast `timeouts.total`; a trickling body is cut off in
+        // `upstream_response_body_filter`.
         let t = pool.timeouts;
-        peer.options.connection_timeout = Some(t.connect);
-        peer.options.read_timeout = Some(t.read);
-        peer.options.write_timeout = Some(t.write);
+        peer.options.connection_timeout = Some(within(t.connect));
+        peer.options.read_timeout = Some(within(t.read));
+        peer.options.write_timeout = Some(within(t.write));
         peer.options.idle_timeout = Some(t.idle);
         Ok(Box::new(peer))
     }
@@ -437,6 +454,23 @@ impl ProxyHttp for EdgeProxy {
         };
         e.set_retry(retry);
         e
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        match ctx.deadline {
+            Some(deadline) if Instant::now() >= deadline => {
+                let mut e = Error::explain(ErrorType::ReadTimedout, "timeouts.total reached");
+                e.as_up();
+                Err(e)
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn response_filter(

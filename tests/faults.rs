@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{addr, free_ports, Edge, Framing};
+use common::{addr, free_ports, Edge, Framing, Misbehaviour};
 use serde_json::Value;
 
 /// A proxy with one pool `app` of `backends` routed from `/`, that retries twice, logs to
@@ -55,8 +55,8 @@ async fn access_lines(edge: &Edge, n: usize) -> Vec<Value> {
 }
 
 async fn assert_truncated_not_spliced(framing: Framing) {
-    let (a, a_hits) = common::dying_upstream(b'a', framing).await;
-    let (b, b_hits) = common::dying_upstream(b'b', framing).await;
+    let (a, a_hits) = common::misbehaving_upstream(Misbehaviour::Die(b'a', framing)).await;
+    let (b, b_hits) = common::misbehaving_upstream(Misbehaviour::Die(b'b', framing)).await;
     let edge = edge(&[a, b], "", "outlier: { enabled: false }").await;
 
     let answer =
@@ -118,8 +118,8 @@ async fn an_upstream_dying_mid_body_truncates_the_chunked_response() {
 async fn an_upstream_dying_mid_body_resets_the_http2_stream() {
     let certs = tempfile::tempdir().unwrap();
     let pem = common::self_signed(certs.path(), "edge", &["edge.test"]);
-    let (a, a_hits) = common::dying_upstream(b'a', Framing::Length).await;
-    let (b, b_hits) = common::dying_upstream(b'b', Framing::Chunked).await;
+    let (a, a_hits) = common::misbehaving_upstream(Misbehaviour::Die(b'a', Framing::Length)).await;
+    let (b, b_hits) = common::misbehaving_upstream(Misbehaviour::Die(b'b', Framing::Chunked)).await;
     let tls = addr(free_ports(1)[0]);
     let d = certs.path().display();
     let listener = format!(
@@ -228,4 +228,70 @@ async fn clients_giving_up_never_eject_a_backend_or_cause_retries() {
     let response = common::client().get(edge.url("/ok")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-upstream"], "slow");
+}
+
+#[tokio::test]
+async fn timeouts_total_cuts_off_a_trickling_body() {
+    // 1,000 bytes at one per 200 ms would take over three minutes; each read is quick.
+    let (trickle, _) = common::misbehaving_upstream(Misbehaviour::Trickle).await;
+    let edge = edge(&[trickle], "", "timeouts: { read: 5s, total: 1s }").await;
+    let answer =
+        common::raw_exchange(edge.proxy, b"GET /slow HTTP/1.1\r\nHost: edge.test\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let line = &access_lines(&edge, 1).await[0];
+    assert_eq!(line["error"], "upstream_truncated", "{line}");
+    assert!(line["bytes_out"].as_u64().unwrap() < 1000, "{line}");
+}
+
+#[tokio::test]
+async fn timeouts_total_caps_retries_of_a_hung_upstream() {
+    // Without the cap: three attempts of a ten-minute read timeout.
+    let (hung, hits) = common::misbehaving_upstream(Misbehaviour::Hang).await;
+    let edge = edge(&[hung], "", "timeouts: { read: 10m, total: 1s }").await;
+    let response = common::client()
+        .get(edge.url("/hang"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "no time left to retry");
+}
+
+#[tokio::test]
+async fn a_write_timeout_ends_the_exchange_without_waiting_for_the_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The upstream reads the header of the upload and then nothing.
+    let (hung, _) = common::misbehaving_upstream(Misbehaviour::Hang).await;
+    let edge = edge(&[hung], "", "timeouts: { write: 300ms, read: 10m }").await;
+    let size = 64 << 20;
+    let mut stream = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
+    let head =
+        format!("POST /upload HTTP/1.1\r\nHost: edge.test\r\nContent-Length: {size}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let upload = tokio::spawn(async move {
+        let chunk = vec![b'u'; 64 << 10];
+        for _ in 0..size / chunk.len() {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(common::DEADLINE, async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the client is still waiting");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    upload.abort();
 }

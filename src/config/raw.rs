@@ -292,6 +292,9 @@ pub struct RawTimeouts {
     pub write: Option<Dur>,
     /// How long an idle upstream keep-alive connection is kept. Default: 60s.
     pub idle: Option<Dur>,
+    /// The whole exchange, from the request header to the end of the response, retries
+    /// included. Default: no limit.
+    pub total: Option<Dur>,
 }
 
 /// One entry of `routes:`.

@@ -467,7 +467,7 @@ pub fn self_signed(dir: &Path, name: &str, hosts: &[&str]) -> String {
     pem
 }
 
-/// How a [`dying_upstream`] frames the body it never finishes.
+/// How a [`misbehaving_upstream`] frames the body it never finishes.
 #[derive(Debug, Clone, Copy)]
 pub enum Framing {
     /// `Content-Length: 100`.
@@ -476,11 +476,21 @@ pub enum Framing {
     Chunked,
 }
 
-/// An upstream that dies mid-response: every request gets a 200 promising 100 bytes of
-/// `fill`, 21 of them, then the connection closes. Counts the requests it received.
-pub async fn dying_upstream(
-    fill: u8,
-    framing: Framing,
+/// What a [`misbehaving_upstream`] does after reading a request's header.
+#[derive(Debug, Clone, Copy)]
+pub enum Misbehaviour {
+    /// Dies mid-response: a 200 promising 100 bytes of the given fill, 21 of them, then the
+    /// connection closes.
+    Die(u8, Framing),
+    /// Answers nothing, reads nothing more, holds the connection for two minutes.
+    Hang,
+    /// Promises 1,000 bytes, then sends one every 200 ms.
+    Trickle,
+}
+
+/// An upstream that misbehaves on every request as told; counts the requests it received.
+pub async fn misbehaving_upstream(
+    how: Misbehaviour,
 ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -501,18 +511,37 @@ pub async fn dying_upstream(
                     }
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
-                let part = vec![fill; 21];
-                let mut answer = match framing {
-                    Framing::Length => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec(),
-                    Framing::Chunked => {
-                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n64\r\n".to_vec()
+                match how {
+                    Misbehaviour::Die(fill, framing) => {
+                        let mut answer = match framing {
+                            Framing::Length => {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec()
+                            }
+                            Framing::Chunked => {
+                                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n64\r\n"
+                                    .to_vec()
+                            }
+                        };
+                        answer.extend_from_slice(&[fill; 21]);
+                        let _ = stream.write_all(&answer).await;
+                        let _ = stream.flush().await;
+                        // Let the part reach the proxy before the close does.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                };
-                answer.extend_from_slice(&part);
-                let _ = stream.write_all(&answer).await;
-                let _ = stream.flush().await;
-                // Let the part reach the proxy before the close does.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                    Misbehaviour::Hang => tokio::time::sleep(Duration::from_secs(120)).await,
+                    Misbehaviour::Trickle => {
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n";
+                        if stream.write_all(head).await.is_err() {
+                            return;
+                        }
+                        for _ in 0..1000 {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            if stream.write_all(b"x").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
             });
         }
     });

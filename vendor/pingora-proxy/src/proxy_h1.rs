@@ -340,6 +340,14 @@ where
                                 }
                             }
                         },
+                        Err(e) if e.etype() == &WriteTimedout => {
+                            // kingdom-edge patch: an upstream that stopped reading the request
+                            // body for `write_timeout` is not going to answer in time either;
+                            // waiting out the read timeout for a response would hold the client
+                            // for it. End the exchange with the write timeout now.
+                            let _ = tx.send(HttpTask::Failed(e.into_up())).await;
+                            return Ok(false);
+                        }
                         Err(e) => {
                            warn!("send error, draining read buf: {e}");
                            request_done = true;
