@@ -1,14 +1,23 @@
 //! One JSON line per request. Lines are handed to a writer thread through a bounded queue, so
 //! a slow disk never stalls a request: when the queue is full the line is dropped and counted.
+//!
+//! The writer never leaves a partial line in a file: a write cut short (disk full, file size
+//! limit) is rolled back to the last complete line, and every line that did not make it is
+//! counted in `kingdom_edge_access_log_dropped_total` and reported on stderr (at most every
+//! ten seconds). A file output is reopened on `SIGUSR1` ([`AccessLog::reopen`]) and when its
+//! path no longer names the open file (renamed or deleted by log rotation).
 
-use std::fs::OpenOptions;
-use std::io::{self, BufWriter, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use prometheus::IntCounter;
 use serde::Serialize;
 
 use crate::metrics::Metrics;
@@ -19,6 +28,10 @@ const QUEUE: usize = 16 * 1024;
 /// After a write the writer rests this long, so under load lines are taken in batches and no
 /// request thread has to wake it for each line.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// How often the writer checks that the file's path still names the file it writes.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
+/// At most one report of lost lines on stderr per this long.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// One request, as logged.
 #[derive(Debug, Serialize)]
@@ -30,6 +43,8 @@ pub struct Entry<'a> {
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// The query string without the `?`, if the target had one.
+    pub query: Option<&'a str>,
     pub status: u16,
     pub bytes_out: usize,
     /// Milliseconds, to the microsecond.
@@ -38,12 +53,15 @@ pub struct Entry<'a> {
     pub pool: Option<&'a str>,
     pub backend: Option<&'a str>,
     pub attempts: u32,
-    /// Why the proxy answered itself, if it did (`no_route`, `upstream_timeout`, …).
+    /// Why the proxy answered itself (`no_route`, `upstream_timeout`, …) or why the exchange
+    /// ended early (`client_aborted`, `upstream_truncated`).
     pub error: Option<&'a str>,
 }
 
 enum Message {
     Line(String),
+    /// Wake up: a reopen was requested.
+    Wake,
     /// Write out everything queued so far, then answer.
     Flush(SyncSender<()>),
 }
@@ -51,37 +69,41 @@ enum Message {
 /// The access-log sink.
 pub struct AccessLog {
     queue: Option<SyncSender<Message>>,
-    metrics: Arc<Metrics>,
+    reopen: Arc<AtomicBool>,
+    dropped: IntCounter,
 }
 
 impl AccessLog {
     /// Opens the output and starts the writer thread. `Off` starts nothing.
     pub fn open(output: &AccessLogOutput, metrics: Arc<Metrics>) -> io::Result<Self> {
-        let writer: Box<dyn Write + Send> = match output {
+        let dropped = metrics.access_log_dropped.clone();
+        let reopen = Arc::new(AtomicBool::new(false));
+        let output = match output {
             AccessLogOutput::Off => {
                 return Ok(Self {
                     queue: None,
-                    metrics,
+                    reopen,
+                    dropped,
                 })
             }
-            AccessLogOutput::Stdout => Box::new(io::stdout()),
-            AccessLogOutput::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("access log {}: {e}", path.display()))
-                    })?,
-            ),
+            AccessLogOutput::Stdout => Output::Stdout(io::stdout()),
+            AccessLogOutput::File(path) => Output::File(LogFile::open(path)?),
         };
         let (queue, lines) = sync_channel(QUEUE);
+        let writer = Writer {
+            output,
+            reopen: reopen.clone(),
+            dropped: dropped.clone(),
+            unreported: 0,
+            last_report: None,
+        };
         thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(lines, writer))?;
+            .spawn(move || writer.run(lines))?;
         Ok(Self {
             queue: Some(queue),
-            metrics,
+            reopen,
+            dropped,
         })
     }
 
@@ -94,12 +116,21 @@ impl AccessLog {
     pub fn log(&self, entry: &Entry<'_>) {
         let Some(queue) = &self.queue else { return };
         let Ok(line) = serde_json::to_string(entry) else {
+            self.dropped.inc();
             return;
         };
         match queue.try_send(Message::Line(line)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.metrics.access_log_dropped.inc(),
-            Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+
+    /// Reopens a file output before the next line (log rotation, `SIGUSR1`).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+        if let Some(queue) = &self.queue {
+            // A full queue means the writer is busy and sees the flag soon anyway.
+            let _ = queue.try_send(Message::Wake);
         }
     }
 
@@ -118,26 +149,281 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-fn write_lines(queue: Receiver<Message>, writer: Box<dyn Write + Send>) {
-    let mut out = BufWriter::new(writer);
-    let mut waiting = Vec::new();
-    while let Ok(first) = queue.recv() {
-        // Drain what is already queued, then flush once, so bursts cost one write.
-        for message in std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok())) {
-            match message {
-                Message::Line(line) => {
-                    let _ = writeln!(out, "{line}");
+/// Where lines go: something that takes bytes and, for files, can take back a cut-short
+/// write.
+trait Sink {
+    /// One `write` call; may write only part of `buf`.
+    fn write_some(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// The current length, where the next write lands; `None` when it cannot be known or
+    /// cut back (a pipe, a terminal).
+    fn len(&mut self) -> Option<u64>;
+    /// Cuts the output back to `len` bytes.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// The file output, with what is needed to notice it was rotated away.
+struct LogFile {
+    path: PathBuf,
+    file: File,
+    last_check: Instant,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("access log {}: {e}", path.display())))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            last_check: Instant::now(),
+        })
+    }
+
+    /// Whether the path still names the open file.
+    fn still_in_place(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(at_path), Ok(open)) => at_path.dev() == open.dev() && at_path.ino() == open.ino(),
+            _ => false,
+        }
+    }
+}
+
+impl Sink for LogFile {
+    fn write_some(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn len(&mut self) -> Option<u64> {
+        let meta = self.file.metadata().ok()?;
+        meta.is_file().then_some(meta.len())
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+impl Sink for io::Stdout {
+    fn write_some(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = self.lock();
+        let n = out.write(buf)?;
+        out.flush()?;
+        Ok(n)
+    }
+
+    fn len(&mut self) -> Option<u64> {
+        None
+    }
+
+    fn truncate(&mut self, _len: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+enum Output {
+    Stdout(io::Stdout),
+    File(LogFile),
+}
+
+/// Writes `batch`, whose lines end at the offsets in `ends`, keeping only whole lines.
+/// Returns how many lines were written, and the error that stopped the rest.
+fn write_batch(sink: &mut dyn Sink, batch: &[u8], ends: &[usize]) -> (usize, Option<io::Error>) {
+    let start = sink.len();
+    let mut written = 0;
+    let error = loop {
+        if written == batch.len() {
+            break None;
+        }
+        match sink.write_some(&batch[written..]) {
+            Ok(0) => break Some(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Some(e),
+        }
+    };
+    let whole = ends.iter().take_while(|&&end| end <= written).count();
+    let kept = if whole == 0 { 0 } else { ends[whole - 1] };
+    if written > kept {
+        // A torn line: take it back, so the file holds only complete JSON lines.
+        if let Some(start) = start {
+            let _ = sink.truncate(start + kept as u64);
+        }
+    }
+    (whole, error)
+}
+
+struct Writer {
+    output: Output,
+    reopen: Arc<AtomicBool>,
+    dropped: IntCounter,
+    /// Lines lost since the last report.
+    unreported: u64,
+    last_report: Option<Instant>,
+}
+
+impl Writer {
+    fn run(mut self, queue: Receiver<Message>) {
+        let mut waiting = Vec::new();
+        let (mut batch, mut ends) = (Vec::new(), Vec::new());
+        while let Ok(first) = queue.recv() {
+            // Drain what is already queued, then write once, so bursts cost one write.
+            for message in
+                std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok()))
+            {
+                match message {
+                    Message::Line(line) => {
+                        batch.extend_from_slice(line.as_bytes());
+                        batch.push(b'\n');
+                        ends.push(batch.len());
+                    }
+                    Message::Wake => {}
+                    Message::Flush(done) => waiting.push(done),
                 }
-                Message::Flush(done) => waiting.push(done),
+            }
+            self.rotate_if_needed();
+            if !ends.is_empty() {
+                let sink: &mut dyn Sink = match &mut self.output {
+                    Output::Stdout(out) => out,
+                    Output::File(file) => file,
+                };
+                let (written, error) = write_batch(sink, &batch, &ends);
+                if let Some(e) = error {
+                    self.lost((ends.len() - written) as u64, &e);
+                }
+                batch.clear();
+                ends.clear();
+            }
+            let flushed = !waiting.is_empty();
+            for done in waiting.drain(..) {
+                let _ = done.send(());
+            }
+            if !flushed {
+                thread::sleep(BATCH_WINDOW);
             }
         }
-        let _ = out.flush();
-        let flushed = !waiting.is_empty();
-        for done in waiting.drain(..) {
-            let _ = done.send(());
+    }
+
+    /// Reopens the file when asked to, or when its path names another file (or none).
+    fn rotate_if_needed(&mut self) {
+        let Output::File(file) = &mut self.output else {
+            self.reopen.store(false, Ordering::Release);
+            return;
+        };
+        let asked = self.reopen.swap(false, Ordering::AcqRel);
+        let due = file.last_check.elapsed() >= ROTATION_CHECK;
+        if !asked && !due {
+            return;
         }
-        if !flushed {
-            thread::sleep(BATCH_WINDOW);
+        file.last_check = Instant::now();
+        if !asked && file.still_in_place() {
+            return;
         }
+        match LogFile::open(&file.path) {
+            Ok(reopened) => {
+                *file = reopened;
+                tracing::info!(path = %file.path.display(), "access log reopened");
+            }
+            Err(e) => {
+                tracing::error!("cannot reopen the access log, still writing the old file: {e}")
+            }
+        }
+    }
+
+    /// Counts lost lines and says so on stderr, at most every [`REPORT_EVERY`].
+    fn lost(&mut self, lines: u64, e: &io::Error) {
+        self.dropped.inc_by(lines);
+        self.unreported += lines;
+        let now = Instant::now();
+        if self
+            .last_report
+            .is_none_or(|last| now.duration_since(last) >= REPORT_EVERY)
+        {
+            tracing::error!(
+                lost_lines = self.unreported,
+                "access log write failed, lines lost: {e}"
+            );
+            self.unreported = 0;
+            self.last_report = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file in memory that takes at most `room` more bytes, then fails like a full disk.
+    struct FullDisk {
+        data: Vec<u8>,
+        room: usize,
+        per_write: usize,
+    }
+
+    impl Sink for FullDisk {
+        fn write_some(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            let n = buf.len().min(self.room).min(self.per_write);
+            self.data.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn len(&mut self) -> Option<u64> {
+            Some(self.data.len() as u64)
+        }
+
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.data.truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    fn batch(lines: &[&str]) -> (Vec<u8>, Vec<usize>) {
+        let (mut batch, mut ends) = (Vec::new(), Vec::new());
+        for line in lines {
+            batch.extend_from_slice(line.as_bytes());
+            batch.push(b'\n');
+            ends.push(batch.len());
+        }
+        (batch, ends)
+    }
+
+    #[test]
+    fn a_full_disk_keeps_whole_lines_only_and_reports_the_rest() {
+        let (bytes, ends) = batch(&["{\"a\":1}", "{\"b\":22}", "{\"c\":333}"]);
+        // Room for the first line and half the second, written in small pieces.
+        for per_write in [1, 3, 64] {
+            let mut disk = FullDisk {
+                data: b"{\"old\":0}\n".to_vec(),
+                room: 13,
+                per_write,
+            };
+            let (written, error) = write_batch(&mut disk, &bytes, &ends);
+            assert_eq!(written, 1, "per_write {per_write}");
+            assert_eq!(error.unwrap().raw_os_error(), Some(28));
+            assert_eq!(
+                disk.data, b"{\"old\":0}\n{\"a\":1}\n",
+                "per_write {per_write}"
+            );
+        }
+    }
+
+    #[test]
+    fn everything_fits() {
+        let (bytes, ends) = batch(&["{}", "{}"]);
+        let mut disk = FullDisk {
+            data: Vec::new(),
+            room: 100,
+            per_write: 3,
+        };
+        let (written, error) = write_batch(&mut disk, &bytes, &ends);
+        assert_eq!((written, error.is_none()), (2, true));
+        assert_eq!(disk.data, b"{}\n{}\n");
     }
 }

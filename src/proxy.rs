@@ -583,6 +583,7 @@ impl ProxyHttp for EdgeProxy {
             method: req.method.as_str(),
             host: request_host(req).unwrap_or(""),
             path: req.uri.path(),
+            query: req.uri.query(),
             status,
             bytes_out: session.body_bytes_sent(),
             duration_ms: elapsed.as_micros() as f64 / 1000.0,

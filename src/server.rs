@@ -162,6 +162,13 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         })),
     ));
     server.add_service(background_service(
+        "access-log rotation",
+        Task(Box::new({
+            let access_log = access_log.clone();
+            move || Box::pin(reopen_on_sigusr1(access_log.clone()))
+        })),
+    ));
+    server.add_service(background_service(
         "health checks",
         Task(Box::new({
             let store = store.clone();
@@ -223,6 +230,23 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
     supervisor.stop();
     access_log.flush(Duration::from_secs(1));
     std::process::exit(0)
+}
+
+/// Reopens the access log on every `SIGUSR1` (as nginx does), for log rotation.
+async fn reopen_on_sigusr1(access_log: Arc<AccessLog>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(usr1) => usr1,
+        Err(e) => {
+            tracing::error!(
+                "cannot handle SIGUSR1, the access log is reopened only when moved: {e}"
+            );
+            return;
+        }
+    };
+    while usr1.recv().await.is_some() {
+        access_log.reopen();
+    }
 }
 
 fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, StartError> {

@@ -293,7 +293,7 @@ access_log: {{ output: access.log }}
 async fn access_log_has_one_json_line_per_request() {
     let edge = sidecar_edge().await;
     let http = client();
-    http.get(edge.url("/v1/echo"))
+    http.get(edge.url("/v1/echo?page=2&q=a%20b"))
         .header("x-request-id", "log-me")
         .send()
         .await
@@ -309,6 +309,7 @@ async fn access_log_has_one_json_line_per_request() {
     .await;
     assert_eq!(line["method"], "GET");
     assert_eq!(line["path"], "/v1/echo");
+    assert_eq!(line["query"], "page=2&q=a%20b");
     assert_eq!(line["status"], 200);
     assert_eq!(line["route"], "api");
     assert_eq!(line["pool"], "api");
