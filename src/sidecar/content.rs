@@ -278,11 +278,40 @@ fn capitalize(text: &str) -> String {
 
 type Generation = Shared<BoxFuture<'static, Arc<Value>>>;
 
+/// A generation in progress and how many requests wait for it.
+struct InProgress {
+    generation: Generation,
+    waiters: usize,
+}
+
 /// Service state: generation settings and the table of generations in progress.
 pub struct ContentService {
     generate_latency: Duration,
-    in_progress: Mutex<HashMap<Spec, Generation>>,
+    in_progress: Mutex<HashMap<Spec, InProgress>>,
     computations: AtomicU64,
+}
+
+/// One request's place among a generation's waiters. Dropped when the request ends, finished
+/// or abandoned (its client went away); the last waiter out removes the entry, so abandoned
+/// generations are cancelled instead of staying in the table.
+struct Waiter<'a> {
+    service: &'a ContentService,
+    spec: Spec,
+    generation: Generation,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut table = self.service.table();
+        if let Some(entry) = table.get_mut(&self.spec) {
+            if entry.generation.ptr_eq(&self.generation) {
+                entry.waiters -= 1;
+                if entry.waiters == 0 {
+                    table.remove(&self.spec);
+                }
+            }
+        }
+    }
 }
 
 impl ContentService {
@@ -300,13 +329,22 @@ impl ContentService {
         self.computations.load(Ordering::Relaxed)
     }
 
+    /// Generations in progress (for tests and leak checks).
+    pub fn in_progress(&self) -> usize {
+        self.table().len()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Spec, InProgress>> {
+        self.in_progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Generates `spec`, joining an identical generation already in progress if there is one.
     pub async fn generate(self: &Arc<Self>, spec: Spec) -> Arc<Value> {
-        let generation = {
-            let mut table = self.in_progress.lock().unwrap_or_else(|p| p.into_inner());
-            table
-                .entry(spec.clone())
-                .or_insert_with(|| {
+        let waiter = {
+            let mut table = self.table();
+            let entry = table.entry(spec.clone()).or_insert_with(|| InProgress {
+                waiters: 0,
+                generation: {
                     let service = self.clone();
                     let spec = spec.clone();
                     async move {
@@ -318,15 +356,16 @@ impl ContentService {
                     }
                     .boxed()
                     .shared()
-                })
-                .clone()
+                },
+            });
+            entry.waiters += 1;
+            Waiter {
+                service: self,
+                generation: entry.generation.clone(),
+                spec,
+            }
         };
-        let out = generation.clone().await;
-        let mut table = self.in_progress.lock().unwrap_or_else(|p| p.into_inner());
-        if table.get(&spec).is_some_and(|g| g.ptr_eq(&generation)) {
-            table.remove(&spec);
-        }
-        out
+        waiter.generation.clone().await
     }
 }
 

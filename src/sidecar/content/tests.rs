@@ -222,6 +222,44 @@ async fn identical_concurrent_generations_are_computed_once() {
 }
 
 #[tokio::test]
+async fn generations_whose_requesters_left_are_dropped() {
+    let service = ContentService::new(Duration::from_secs(60));
+    // Requests for distinct topics, each abandoned by its client mid-generation.
+    for i in 0..200 {
+        let body = format!(r#"{{"type":"ad_copy","topic":"topic {i}"}}"#);
+        let request = tokio::spawn(send(
+            app(service.clone()),
+            post_json("/v1/content/generate", &body),
+        ));
+        while service.in_progress() == 0 {
+            tokio::task::yield_now().await;
+        }
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+    }
+    assert_eq!(service.in_progress(), 0, "nothing left behind");
+
+    // One of two identical waiters leaving keeps the generation for the other.
+    let service = ContentService::new(Duration::from_millis(200));
+    let body = r#"{"type":"ad_copy","topic":"shared"}"#;
+    let stays = tokio::spawn(send(
+        app(service.clone()),
+        post_json("/v1/content/generate", body),
+    ));
+    let leaves = send(
+        app(service.clone()),
+        post_json("/v1/content/generate", body),
+    );
+    assert!(tokio::time::timeout(Duration::from_millis(20), leaves)
+        .await
+        .is_err());
+    let (status, _, _) = stays.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(service.computations(), 1);
+    assert_eq!(service.in_progress(), 0);
+}
+
+#[tokio::test]
 async fn batch_accepts_up_to_ten_items() {
     let item = r#"{"type":"social_post","topic":"launch"}"#;
     let batch = |n: usize| format!(r#"{{"items":[{}]}}"#, vec![item; n].join(","));
