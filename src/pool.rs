@@ -193,8 +193,11 @@ impl Pool {
     }
 
     /// Chooses a backend for one attempt: the sticky `pin` if usable, else the balancer's
-    /// pick among available backends not yet `tried`; when none is available, the panic mode
-    /// decides. The chosen backend's breaker admits the request (possibly as its probe).
+    /// pick among available backends not yet `tried` (any of them once every backend has
+    /// been tried); when none is available, the panic mode decides. A strict pin is the only
+    /// choice: unusable or already tried (it failed this request), the answer is
+    /// [`Unavailable::StickyStrict`]. The chosen backend's breaker admits the request
+    /// (possibly as its probe).
     pub fn choose(
         &self,
         now: Instant,
@@ -202,8 +205,8 @@ impl Pool {
         key: Option<&[u8]>,
         tried: &[BackendId],
     ) -> Result<Choice, Unavailable> {
-        if let Some(pin) = pin.filter(|id| !tried.contains(id)) {
-            if self.available(pin, now) {
+        if let Some(pin) = pin {
+            if !tried.contains(&pin) && self.available(pin, now) {
                 if let Some(choice) = self.admit(pin, now) {
                     return Ok(choice);
                 }
@@ -212,6 +215,12 @@ impl Pool {
                 return Err(Unavailable::StickyStrict);
             }
         }
+        // Each attempt goes to a backend not tried yet, unless every one has been.
+        let tried = if tried.len() < self.backends.len() {
+            tried
+        } else {
+            &[]
+        };
         // A breaker may refuse between the view and the admission (another request took the
         // probe): try the next choice, at most once per backend. `refused` stays empty, and
         // unallocated, on the common path.

@@ -103,6 +103,8 @@ pub struct RequestCtx {
     backend_in_flight: Option<BackendInFlight>,
     /// Why the exchange ended early, once it has.
     cut: Option<Cut>,
+    /// The next attempt resends on a new connection after a stale pooled one.
+    resend: bool,
     /// When `timeouts.total` runs out, for routes whose pool sets it.
     deadline: Option<Instant>,
     _in_flight: InFlight,
@@ -215,6 +217,7 @@ impl ProxyHttp for EdgeProxy {
             retrying_status: false,
             backend_in_flight: None,
             cut: None,
+            resend: false,
             deadline: None,
             _in_flight: InFlight::new(&self.metrics.in_flight),
         }
@@ -314,10 +317,12 @@ impl ProxyHttp for EdgeProxy {
             tokio::time::sleep(within(pool.retries.backoff(retry, fastrand::f64()))).await;
         }
         let key = hash_key(&pool, session.req_header(), ctx.forwarded.as_ref());
-        // Each attempt goes to a backend not tried yet, unless every one has been.
-        let fresh = ctx.tried.len() < pool.backends.len();
-        let exclude: &[BackendId] = if fresh { &ctx.tried } else { &[] };
-        let choice = match pool.choose(Instant::now(), ctx.pin, key.as_deref(), exclude) {
+        // A pooled connection found closed is no fault of its backend: it may be chosen again.
+        let tried = match std::mem::take(&mut ctx.resend) {
+            true => &ctx.tried[..ctx.tried.len().saturating_sub(1)],
+            false => &ctx.tried[..],
+        };
+        let choice = match pool.choose(Instant::now(), ctx.pin, key.as_deref(), tried) {
             Ok(choice) => choice,
             Err(why) => {
                 let rejection = match why {
@@ -447,7 +452,8 @@ impl ProxyHttp for EdgeProxy {
                 .pool()
                 .is_some_and(|pool| ctx.attempts() <= pool.retries.attempts + 1);
             ctx.abandon_attempt();
-            allowed && replayable(session)
+            ctx.resend = allowed && replayable(session);
+            ctx.resend
         } else {
             ctx.record(outcome(Some(&e), 0));
             replayable(session) && ctx.may_retry()

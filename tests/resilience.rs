@@ -396,3 +396,44 @@ async fn a_passing_health_check_ends_an_ejection_early() {
     let status = edge.status().await;
     assert_eq!(backend(&status, "app", &flaky_label)["breaker"], "closed");
 }
+
+#[tokio::test]
+async fn strict_stickiness_answers_503_when_the_pinned_backend_dies_and_never_re_pins() {
+    let mut apis = [ApiProcess::start().await, ApiProcess::start().await];
+    let addrs: Vec<_> = apis.iter().map(|a| a.addr).collect();
+    let edge = common::edge_for_pool(
+        &addrs,
+        &[
+            "sticky: { cookie: kd_api, secret: integration-sticky-secret, strict: true }",
+            "outlier: { consecutive_failures: 5 }",
+        ],
+    )
+    .await;
+    let http = client();
+    let first = http.get(edge.url("/v1/echo")).send().await.unwrap();
+    let pinned = first.headers()["x-instance"].to_str().unwrap().to_string();
+    let cookie = cookie_of(&first, "kd_api").unwrap();
+    let victim = apis
+        .iter()
+        .position(|a| a.addr.to_string() == pinned)
+        .unwrap();
+    apis[victim].kill();
+
+    // Not yet ejected (5 failures needed): the first attempt fails, and so does every retry.
+    for _ in 0..3 {
+        let response = http
+            .get(edge.url("/v1/echo"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert!(cookie_of(&response, "kd_api").is_none(), "never re-pinned");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "sticky_backend_unavailable");
+    }
+    // Without a pin the pool still serves.
+    let response = http.get(edge.url("/v1/echo")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_ne!(response.headers()["x-instance"], pinned.as_str());
+}

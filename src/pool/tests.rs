@@ -146,11 +146,22 @@ fn sticky_pins_hold_until_the_backend_is_unusable() {
     let strict = pool(&format!(
         "{THREE}\n    sticky: {{ cookie: kd, secret_env: ANY, strict: true }}\n    outlier: {{ consecutive_failures: 1 }}"
     ));
+    // A retry after the pin failed (not yet ejected) stays strict.
+    assert_eq!(
+        strict.pool.choose(strict.t0, Some(2), None, &[2]),
+        Err(Unavailable::StickyStrict)
+    );
     strict.pool.record(2, strict.t0, Outcome::ConnectError);
     assert_eq!(
         strict.pool.choose(strict.t0, Some(2), None, &[]),
         Err(Unavailable::StickyStrict)
     );
+}
+
+#[test]
+fn once_every_backend_was_tried_any_may_be_tried_again() {
+    let f = pool(THREE);
+    assert!(f.pool.choose(f.t0, None, None, &[0, 1, 2]).is_ok());
 }
 
 #[test]
