@@ -189,16 +189,29 @@ fn cookie_of(response: &reqwest::Response, name: &str) -> Option<String> {
         .map(|c| c.split(';').next().unwrap().to_string())
 }
 
+/// `n` api processes behind a pool with the `extra` keys.
+async fn sticky_edge(n: usize, extra: &[&str]) -> (Vec<ApiProcess>, common::Edge) {
+    let mut apis = Vec::new();
+    for _ in 0..n {
+        apis.push(ApiProcess::start().await);
+    }
+    let addrs: Vec<_> = apis.iter().map(|a| a.addr).collect();
+    let edge = common::edge_for_pool(&addrs, extra).await;
+    (apis, edge)
+}
+
+/// A first request: its response, the backend it was pinned to, and the `kd_api` cookie.
+async fn pin(edge: &common::Edge) -> (reqwest::Response, String, String) {
+    let first = client().get(edge.url("/v1/echo")).send().await.unwrap();
+    let pinned = first.headers()["x-instance"].to_str().unwrap().to_string();
+    let cookie = cookie_of(&first, "kd_api").expect("a sticky cookie");
+    (first, pinned, cookie)
+}
+
 #[tokio::test]
 async fn sticky_sessions_stay_then_move_with_a_new_cookie_and_ignore_forgeries() {
-    let mut apis = [
-        ApiProcess::start().await,
-        ApiProcess::start().await,
-        ApiProcess::start().await,
-    ];
-    let addrs: Vec<_> = apis.iter().map(|a| a.addr).collect();
-    let edge = common::edge_for_pool(
-        &addrs,
+    let (mut apis, edge) = sticky_edge(
+        3,
         &[
             "sticky: { cookie: kd_api, ttl: 30m, secret: integration-sticky-secret }",
             "outlier: { consecutive_failures: 1, base_ejection: 60s }",
@@ -206,10 +219,7 @@ async fn sticky_sessions_stay_then_move_with_a_new_cookie_and_ignore_forgeries()
     )
     .await;
     let http = client();
-
-    let first = http.get(edge.url("/v1/echo")).send().await.unwrap();
-    let pinned = first.headers()["x-instance"].to_str().unwrap().to_string();
-    let cookie = cookie_of(&first, "kd_api").expect("a sticky cookie");
+    let (first, pinned, cookie) = pin(&edge).await;
     let raw = first.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(
         raw.contains("HttpOnly") && raw.contains("Path=/") && raw.contains("SameSite=Lax"),
@@ -399,10 +409,8 @@ async fn a_passing_health_check_ends_an_ejection_early() {
 
 #[tokio::test]
 async fn strict_stickiness_answers_503_when_the_pinned_backend_dies_and_never_re_pins() {
-    let mut apis = [ApiProcess::start().await, ApiProcess::start().await];
-    let addrs: Vec<_> = apis.iter().map(|a| a.addr).collect();
-    let edge = common::edge_for_pool(
-        &addrs,
+    let (mut apis, edge) = sticky_edge(
+        2,
         &[
             "sticky: { cookie: kd_api, secret: integration-sticky-secret, strict: true }",
             "outlier: { consecutive_failures: 5 }",
@@ -410,9 +418,7 @@ async fn strict_stickiness_answers_503_when_the_pinned_backend_dies_and_never_re
     )
     .await;
     let http = client();
-    let first = http.get(edge.url("/v1/echo")).send().await.unwrap();
-    let pinned = first.headers()["x-instance"].to_str().unwrap().to_string();
-    let cookie = cookie_of(&first, "kd_api").unwrap();
+    let (_, pinned, cookie) = pin(&edge).await;
     let victim = apis
         .iter()
         .position(|a| a.addr.to_string() == pinned)
