@@ -167,6 +167,12 @@ impl BackendView for View<'_> {
         )
     }
 
+    fn full_weight(&self, id: BackendId) -> u32 {
+        self.pool.backends[id]
+            .weight
+            .saturating_mul(crate::balance::WEIGHT_SCALE)
+    }
+
     fn in_flight(&self, id: BackendId) -> u64 {
         self.pool.backends[id]
             .state

@@ -1,6 +1,11 @@
 //! Consistent hashing on a Ketama ring (Pingora's, compatible with nginx's): a key keeps its
 //! backend while the pool changes, and only about 1/n of keys move when a backend joins or
 //! leaves. An unusable backend's keys go to the next backend on the ring.
+//!
+//! Slow start: a ramping backend owns only a fraction of its keys, equal to its share; the
+//! others go on to the next backend on the ring. Which keys it keeps is decided by a hash of
+//! the key, so as the share grows keys only join it, and each key stays where it is between
+//! requests.
 
 use std::net::SocketAddr;
 
@@ -38,12 +43,36 @@ impl Balancer for ConsistentHash {
             let start = fastrand::usize(..n.max(1));
             return (0..n).map(|i| (start + i) % n).find(|id| view.usable(*id));
         };
+        let ramp_point = key_point(key);
+        self.owners(key)
+            .find(|id| view.usable(*id) && ramp_point < view.share(*id))
+            // Only ramping backends are usable and none keeps this key: the first anyway.
+            .or_else(|| self.owners(key).find(|id| view.usable(*id)))
+    }
+}
+
+impl ConsistentHash {
+    /// The backends in ring order from `key`'s point.
+    fn owners<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = BackendId> + 'a {
         self.ring
             .node_iter(key)
             .take(self.points)
             .filter_map(|address| self.addresses.iter().position(|a| a == address))
-            .find(|id| view.usable(*id))
     }
+}
+
+/// Where `key` falls in [0, 1), independently of the ring's own hash (FNV-1a, 64 bits, with
+/// MurmurHash3's finalizer so similar keys spread evenly).
+fn key_point(key: &[u8]) -> f64 {
+    let mut h = key.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -115,6 +144,32 @@ mod tests {
         for (address, _) in addresses(4) {
             let share = all.iter().filter(|a| **a == address).count();
             assert!((3_000..7_000).contains(&share), "{address}: {share}");
+        }
+    }
+
+    #[test]
+    fn a_ramping_backend_owns_a_growing_fraction_of_its_keys() {
+        let ring = ConsistentHash::new(&addresses(4));
+        let mut view = FixedView::weighted(&[1; 4]);
+        let full = owners(&ring, &view, 10_000);
+        let owner = ring.addresses[1];
+        let owned = full.iter().filter(|a| **a == owner).count();
+        let mut kept_before = 0;
+        for share in [0.1, 0.5, 0.9] {
+            view.shares = vec![1.0, share, 1.0, 1.0];
+            let now = owners(&ring, &view, 10_000);
+            let kept = now.iter().filter(|a| **a == owner).count();
+            let expected = owned as f64 * share;
+            assert!(
+                (kept as f64 - expected).abs() < owned as f64 * 0.05,
+                "share {share}: kept {kept} of {owned}"
+            );
+            assert!(kept > kept_before);
+            kept_before = kept;
+            // Only its own keys move, and none moves to it.
+            for (x, y) in full.iter().zip(&now) {
+                assert!(x == y || *x == owner, "a key of another backend moved");
+            }
         }
     }
 }

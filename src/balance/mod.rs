@@ -26,8 +26,16 @@ pub trait BackendView {
     }
     /// Whether this backend may take the request (healthy, not ejected, not already tried).
     fn usable(&self, id: BackendId) -> bool;
-    /// Effective weight now, in [`WEIGHT_SCALE`] units per configured point (at least 1).
+    /// Effective weight now, in [`WEIGHT_SCALE`] units per configured point (at least 1):
+    /// the configured weight, scaled down while the backend is in slow start.
     fn weight(&self, id: BackendId) -> u32;
+    /// The configured weight in [`WEIGHT_SCALE`] units, whatever slow start says.
+    fn full_weight(&self, id: BackendId) -> u32;
+    /// The share of its full weight a backend in slow start has now (1 when it is not).
+    /// Balancers that do not weigh backends by [`Self::weight`] apply slow start with it.
+    fn share(&self, id: BackendId) -> f64 {
+        (f64::from(self.weight(id)) / f64::from(self.full_weight(id).max(1))).min(1.0)
+    }
     /// Requests in flight to this backend now.
     fn in_flight(&self, id: BackendId) -> u64;
 }
@@ -45,9 +53,10 @@ pub(crate) mod testing {
 
     use super::*;
 
-    /// Backends with weights, in-flight counts and a set of unusable ids.
+    /// Backends with weights, slow-start shares, in-flight counts and a set of unusable ids.
     pub struct FixedView {
         pub weights: Vec<u32>,
+        pub shares: Vec<f64>,
         pub in_flight: Vec<u64>,
         pub down: Vec<BackendId>,
     }
@@ -57,6 +66,7 @@ pub(crate) mod testing {
         pub fn weighted(weights: &[u32]) -> Self {
             Self {
                 weights: weights.iter().map(|w| w * WEIGHT_SCALE).collect(),
+                shares: vec![1.0; weights.len()],
                 in_flight: vec![0; weights.len()],
                 down: Vec::new(),
             }
@@ -71,6 +81,9 @@ pub(crate) mod testing {
             !self.down.contains(&id)
         }
         fn weight(&self, id: BackendId) -> u32 {
+            ((f64::from(self.weights[id]) * self.shares[id]) as u32).max(1)
+        }
+        fn full_weight(&self, id: BackendId) -> u32 {
             self.weights[id]
         }
         fn in_flight(&self, id: BackendId) -> u64 {
