@@ -50,9 +50,10 @@ async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 once the config is loaded, the proxy is not draining, and every pool has a backend
-/// that passes its health checks (or, without checks, accepts a TCP connection); otherwise
-/// 503 naming what is missing.
+/// 200 once the config is loaded, the proxy is not draining, and every pool a route uses has
+/// a backend that passes its health checks (or, without checks, accepts a TCP connection);
+/// otherwise 503 naming what is missing. Pools no route uses cannot fail a request, so they
+/// do not count.
 async fn ready(State(state): State<AdminState>) -> Response {
     if state.draining.load(Ordering::Acquire) {
         return (
@@ -62,7 +63,8 @@ async fn ready(State(state): State<AdminState>) -> Response {
             .into_response();
     }
     let snapshot = state.store.load();
-    let checks = snapshot.pools.iter().map(|pool| async move {
+    let routed = snapshot.pools.iter().filter(|p| snapshot.is_routed(p));
+    let checks = routed.map(|pool| async move {
         let reachable = if pool.health.is_some() {
             // The pool's own checks know better than a bare connect.
             pool.backends

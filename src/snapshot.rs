@@ -40,6 +40,16 @@ pub struct Snapshot {
     pub unrouted: RouteMetrics,
 }
 
+impl Snapshot {
+    /// Whether some route sends requests to `pool`.
+    pub fn is_routed(&self, pool: &Pool) -> bool {
+        self.router
+            .routes()
+            .iter()
+            .any(|r| r.pool.name == pool.name)
+    }
+}
+
 /// `server:`.
 pub struct ServerSettings {
     /// Worker threads per listener service.

@@ -310,6 +310,35 @@ fn check(yaml: &str) -> (bool, String, String) {
     )
 }
 
+#[tokio::test]
+async fn a_pool_no_route_uses_does_not_fail_readiness_and_check_warns_about_it() {
+    let upstream = common::fake_upstream("up").await;
+    // A port nothing listens on (bound, then released).
+    let dead = addr(free_ports(1)[0]);
+    let p = free_ports(2);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+pools:
+  up: {{ backends: [{{ address: {upstream} }}] }}
+  sessions: {{ backends: [{{ address: {dead} }}] }}
+routes: [{{ name: up, match: {{ path_prefix: / }}, pool: up }}]
+"#,
+        p[0], p[1]
+    );
+    let (ok, _, stderr) = check(&yaml);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning: pools.sessions: no route uses this pool"),
+        "{stderr}"
+    );
+    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    edge.wait_ready().await;
+    let ready = common::get_json(&format!("http://{}/ready", edge.admin)).await;
+    assert!(ready["pools"].get("sessions").is_none(), "{ready}");
+}
+
 #[test]
 fn check_accepts_the_default_config_and_names_path_and_line_of_errors() {
     let default = std::fs::read_to_string(

@@ -91,6 +91,13 @@ fn check(path: &Path) -> ExitCode {
                 s.router.routes().len(),
                 s.sidecars.len(),
             );
+            for pool in s.pools.iter().filter(|p| !s.is_routed(p)) {
+                eprintln!(
+                    "{}: warning: pools.{}: no route uses this pool (it does not count for /ready)",
+                    path.display(),
+                    pool.name
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
