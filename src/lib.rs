@@ -11,6 +11,7 @@ pub mod live;
 pub mod metrics;
 pub mod outlier;
 pub mod pool;
+pub mod preflight;
 pub mod proxy;
 pub mod request_id;
 pub mod retry;

@@ -15,10 +15,12 @@ use pingora::services::background::{background_service, BackgroundService};
 
 use crate::access_log::AccessLog;
 use crate::admin::{self, AdminState};
+use crate::config::raw::RawConfig;
 use crate::config::{self, CompileContext, ConfigError};
 use crate::health;
 use crate::live::LiveState;
 use crate::metrics::Metrics;
+use crate::preflight;
 use crate::proxy::EdgeProxy;
 use crate::shutdown::{Drain, Signals};
 use crate::snapshot::{ConfigStore, Snapshot};
@@ -43,22 +45,32 @@ pub enum StartError {
     AccessLog(std::io::Error),
 }
 
-/// Loads and fully validates a config file, including reading the TLS certificates, without
-/// starting anything. This is what `kingdom-edge check` runs.
+/// Loads and fully validates a config file, including what it needs from the machine
+/// (certificates, files, sidecar commands and secrets), without starting anything. This is
+/// what `kingdom-edge check` runs.
 pub fn check(path: &Path) -> Result<Snapshot, Vec<ConfigError>> {
     let (metrics, live) = (Metrics::new(), LiveState::default());
-    let snapshot = config::load(path, &CompileContext::new(&metrics, &live))?;
-    let errors: Vec<ConfigError> = snapshot
-        .listeners
-        .iter()
-        .filter_map(|l| l.tls.as_ref())
-        .filter_map(|t| tls::listener_settings(t).err())
-        .flatten()
-        .collect();
-    if errors.is_empty() {
-        Ok(snapshot)
-    } else {
-        Err(config::locate(path, errors))
+    load_verified(path, &CompileContext::new(&metrics, &live))
+}
+
+/// Compiles the file and runs the preflight checks, reporting every error of both in one
+/// pass, in file order.
+fn load_verified(path: &Path, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigError>> {
+    let text = config::read(path)?;
+    let compiled = config::parse(&text, cx);
+    let machine = match serde_yaml::from_str::<RawConfig>(&text) {
+        Ok(raw) => config::locate_in(&text, preflight::verify(&raw, cx.env)),
+        // The parse error is already among the compile errors.
+        Err(_) => Vec::new(),
+    };
+    match compiled {
+        Ok(snapshot) if machine.is_empty() => Ok(snapshot),
+        Ok(_) => Err(machine),
+        Err(mut errors) => {
+            errors.extend(machine);
+            errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+            Err(errors)
+        }
     }
 }
 
@@ -68,7 +80,7 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
     let metrics = Arc::new(Metrics::new());
     let live = Arc::new(LiveState::default());
     let snapshot =
-        config::load(path, &CompileContext::new(&metrics, &live)).map_err(StartError::Config)?;
+        load_verified(path, &CompileContext::new(&metrics, &live)).map_err(StartError::Config)?;
 
     let mut tls_settings = Vec::new();
     let mut errors = Vec::new();

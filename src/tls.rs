@@ -44,6 +44,12 @@ pub fn listener_settings(tls: &TlsSettings) -> Result<PingoraTls, Vec<ConfigErro
     Ok(settings)
 }
 
+/// Whether the certificate and key load (for `check`); the error says why not.
+pub fn check_certificate(files: &CertificateFiles) -> Result<(), String> {
+    pingora::tls::install_default_crypto_provider();
+    load(files).map(|_| ())
+}
+
 fn load(files: &CertificateFiles) -> Result<CertifiedKey, String> {
     for path in [&files.cert, &files.key] {
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::{addr, client, free_ports, wait_for, Edge};
@@ -394,6 +395,62 @@ routes: [{ name: api, pool: api }]
         ),
         "{stderr}"
     );
+}
+
+/// `kingdom-edge check` on a shipped config as it is, in `dir`, with only `env` set.
+fn check_shipped(file: &str, dir: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    let out = Command::new(common::bin("kingdom-edge"))
+        .args(["check", "-c"])
+        .arg(&config)
+        .current_dir(dir)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said)
+}
+
+#[test]
+fn shipped_configs_pass_check_with_only_their_documented_environment() {
+    let empty = tempfile::tempdir().unwrap();
+    let secrets = [
+        ("KINGDOM_API_SECRET", "a-secret-of-at-least-16-bytes"),
+        ("KINGDOM_STICKY_SECRET", "another-secret-of-16-bytes"),
+    ];
+    let (ok, said) = check_shipped("conf/edge.yaml", empty.path(), &[]);
+    assert!(ok, "{said}");
+    let (ok, said) = check_shipped("conf/container.yaml", empty.path(), &secrets);
+    assert!(ok, "{said}");
+    // production.yaml reads its certificates from tls/ in the working directory.
+    let etc = tempfile::tempdir().unwrap();
+    let tls = etc.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    common::self_signed(&tls, "edge", &["edge.kingdomstudios.app"]);
+    common::self_signed(&tls, "api", &["api.kingdomstudios.app"]);
+    let (ok, said) = check_shipped("conf/production.yaml", etc.path(), &secrets);
+    assert!(ok, "{said}");
+
+    // Each documented variable is needed: without it, check names what is missing.
+    let (ok, said) = check_shipped("conf/container.yaml", empty.path(), &secrets[1..]);
+    assert!(!ok);
+    assert!(
+        said.contains("sidecars[1].env: kingdom-api signs tokens with $KINGDOM_API_SECRET"),
+        "{said}"
+    );
+    let (ok, said) = check_shipped("conf/container.yaml", empty.path(), &secrets[..1]);
+    assert!(!ok);
+    assert!(said.contains("KINGDOM_STICKY_SECRET"), "{said}");
+    // And every error is reported in one pass: missing certificates and a missing secret.
+    let (ok, said) = check_shipped("conf/production.yaml", empty.path(), &secrets[1..]);
+    assert!(!ok);
+    assert!(
+        said.contains("listeners[1].tls.certificates[0]: cannot read"),
+        "{said}"
+    );
+    assert!(said.contains("$KINGDOM_API_SECRET"), "{said}");
 }
 
 #[tokio::test]

@@ -129,14 +129,18 @@ impl Errors {
 
 /// Reads and compiles a config file.
 pub fn load(path: &Path, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigError>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    parse(&read(path)?, cx)
+}
+
+/// Reads a config file's text.
+pub fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
+    std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
             path: String::new(),
             line: None,
             message: format!("cannot read {}: {e}", path.display()),
         }]
-    })?;
-    parse(&text, cx)
+    })
 }
 
 /// Parses and compiles config text.
@@ -153,10 +157,13 @@ pub fn parse(text: &str, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigErro
 /// Fills in the line of errors found after compiling (TLS files, for instance) by indexing
 /// the file again. Errors that already have a line keep it.
 pub fn locate(path: &Path, errors: Vec<ConfigError>) -> Vec<ConfigError> {
-    let index = std::fs::read_to_string(path)
-        .map(|text| LineIndex::new(&text))
-        .unwrap_or_default();
-    Errors(errors).into_located(&index)
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    locate_in(&text, errors)
+}
+
+/// [`locate`] in config text already read.
+pub fn locate_in(text: &str, errors: Vec<ConfigError>) -> Vec<ConfigError> {
+    Errors(errors).into_located(&LineIndex::new(text))
 }
 
 /// serde_yaml puts the path first and the position last: `a.b: message at line 3 column 5`.
