@@ -91,6 +91,8 @@ pub struct RequestCtx {
     pool_request: Option<PoolRequest>,
     /// The backend a valid sticky cookie names.
     pin: Option<BackendId>,
+    /// When the request's valid sticky cookie expires (Unix seconds).
+    pin_expires: Option<u64>,
     /// Backends tried so far, in order; the last is the current attempt's.
     tried: Vec<BackendId>,
     /// The current attempt.
@@ -211,6 +213,7 @@ impl ProxyHttp for EdgeProxy {
             rejection: None,
             pool_request: None,
             pin: None,
+            pin_expires: None,
             tried: Vec::new(),
             choice: None,
             recorded: false,
@@ -277,7 +280,7 @@ impl ProxyHttp for EdgeProxy {
             return answer(session, ctx, Rejection::PoolSaturated).await;
         };
         ctx.pool_request = Some(request);
-        ctx.pin = sticky_pin(&pool, session.req_header());
+        (ctx.pin, ctx.pin_expires) = sticky_pin(&pool, session.req_header()).unzip();
         Ok(false)
     }
 
@@ -495,9 +498,17 @@ impl ProxyHttp for EdgeProxy {
         response.insert_header("x-request-id", &ctx.request_id)?;
         if let (Some(choice), Some(pool)) = (ctx.choice, ctx.pool()) {
             if let (Some(sticky), Some(backend)) = (&pool.sticky, pool.backend(choice.id)) {
-                // Sliding expiry: every response through the pool renews the session.
-                let value = sticky.encode(&backend.label, unix_now());
-                response.append_header(header::SET_COOKIE, sticky.set_cookie(&value, self.tls))?;
+                let now = unix_now();
+                let changed = ctx.pin != Some(choice.id);
+                let stale = ctx.pin_expires.is_none_or(|e| sticky.needs_refresh(e, now));
+                // A cookie on an error or on a response shared caches may store would pin
+                // other clients, or pin to a backend that failed.
+                let pinnable = response.status.as_u16() < 400 && !shared_cacheable(response);
+                if (changed || stale) && pinnable {
+                    let value = sticky.encode(&backend.label, now);
+                    let cookie = sticky.set_cookie(&value, self.tls);
+                    response.append_header(header::SET_COOKIE, cookie)?;
+                }
             }
         }
         Ok(())
@@ -605,6 +616,24 @@ impl ProxyHttp for EdgeProxy {
     }
 }
 
+/// Whether a shared cache may store the response (`Cache-Control: public` or `s-maxage`).
+fn shared_cacheable(response: &ResponseHeader) -> bool {
+    response
+        .headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| {
+            d.trim()
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase()
+        })
+        .any(|d| d == "public" || d == "s-maxage")
+}
+
 /// nginx's status for a request whose client closed the connection before the answer.
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
@@ -623,14 +652,14 @@ fn replayable(session: &Session) -> bool {
     session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated()
 }
 
-/// The backend a valid sticky cookie pins the request to; invalid cookies are counted and
-/// ignored.
-fn sticky_pin(pool: &Pool, req: &RequestHeader) -> Option<BackendId> {
+/// The backend a valid sticky cookie pins the request to, and when the cookie expires;
+/// invalid cookies are counted and ignored.
+fn sticky_pin(pool: &Pool, req: &RequestHeader) -> Option<(BackendId, u64)> {
     let sticky = pool.sticky.as_ref()?;
     let value = request_cookie(req, &sticky.cookie)?;
     match sticky.decode(value, unix_now()) {
         // A backend gone after a reload simply has no id: the balancer re-pins.
-        Ok(label) => pool.find(&label),
+        Ok((label, expires)) => pool.find(&label).map(|id| (id, expires)),
         Err(why) => {
             match why {
                 Invalid::Malformed => &pool.metrics.sticky_malformed,

@@ -2,7 +2,8 @@
 //!
 //! The value is `base64url(backend) . expiry . base64url(HMAC-SHA256)`, the MAC covering the
 //! cookie name, backend and expiry. Any instance with the same secret accepts it, across
-//! restarts. The expiry slides: every response through the pin sets a fresh cookie.
+//! restarts. The expiry slides, but without a `Set-Cookie` on every response: a fresh cookie
+//! is sent when the pin changes or when less than half of its `ttl` is left.
 
 use std::time::Duration;
 
@@ -89,8 +90,15 @@ impl StickyPolicy {
         )
     }
 
-    /// The backend a cookie value names, if it is authentic and unexpired at `now`.
-    pub fn decode(&self, value: &str, now: u64) -> Result<String, Invalid> {
+    /// Whether a cookie expiring at `expires` should be renewed at `now`: less than half of
+    /// the ttl is left.
+    pub fn needs_refresh(&self, expires: u64, now: u64) -> bool {
+        expires.saturating_sub(now) < self.ttl.as_secs() / 2
+    }
+
+    /// The backend a cookie value names and when the cookie expires, if it is authentic and
+    /// unexpired at `now`.
+    pub fn decode(&self, value: &str, now: u64) -> Result<(String, u64), Invalid> {
         let mut parts = value.split('.');
         let (Some(backend), Some(expires), Some(tag), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -111,7 +119,7 @@ impl StickyPolicy {
         if expires <= now {
             return Err(Invalid::Expired);
         }
-        Ok(backend)
+        Ok((backend, expires))
     }
 
     /// The `Set-Cookie` header value for `value`; `Secure` on TLS listeners.
@@ -149,7 +157,15 @@ mod tests {
         let p = policy(b"secret-one-secret-one");
         let now = 1_700_000_000;
         let value = p.encode("127.0.0.1:9101", now);
-        assert_eq!(p.decode(&value, now + 10).as_deref(), Ok("127.0.0.1:9101"));
+        assert_eq!(
+            p.decode(&value, now + 10),
+            Ok(("127.0.0.1:9101".to_string(), now + 1800))
+        );
+        assert!(!p.needs_refresh(now + 1800, now + 10));
+        assert!(
+            p.needs_refresh(now + 1800, now + 901),
+            "less than half the ttl left"
+        );
         // Another instance with the same secret agrees.
         assert!(policy(b"secret-one-secret-one").decode(&value, now).is_ok());
 

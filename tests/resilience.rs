@@ -443,3 +443,45 @@ async fn strict_stickiness_answers_503_when_the_pinned_backend_dies_and_never_re
     assert_eq!(response.status(), 200);
     assert_ne!(response.headers()["x-instance"], pinned.as_str());
 }
+
+#[tokio::test]
+async fn sticky_cookies_are_sent_only_when_the_pin_changes_and_never_on_errors_or_shared_responses()
+{
+    let a = common::fake_upstream("a").await;
+    let b = common::fake_upstream("b").await;
+    let edge = common::edge_for_pool(
+        &[a, b],
+        &["sticky: { cookie: kd, ttl: 30m, secret: integration-sticky-secret }"],
+    )
+    .await;
+    let http = client();
+    let get = |path: &'static str, cookie: Option<String>| {
+        let mut request = http.get(edge.url(path));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send()
+    };
+    // No cookie on an error or a publicly cacheable answer, even for a new client.
+    let missing = get("/nope", None).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(cookie_of(&missing, "kd").is_none());
+    let shared = get("/public", None).await.unwrap();
+    assert_eq!(shared.status(), 200);
+    assert!(cookie_of(&shared, "kd").is_none());
+
+    // A new client is pinned; while the cookie is fresh, it is not sent again.
+    let first = get("/ok", None).await.unwrap();
+    let cookie = cookie_of(&first, "kd").expect("pinned");
+    for _ in 0..5 {
+        let response = get("/ok", Some(cookie.clone())).await.unwrap();
+        assert_eq!(
+            response.headers()["x-upstream"],
+            first.headers()["x-upstream"]
+        );
+        assert!(
+            cookie_of(&response, "kd").is_none(),
+            "the pin did not change"
+        );
+    }
+}

@@ -268,8 +268,8 @@ impl Drop for Edge {
 
 use futures::FutureExt;
 
-/// A fake upstream: `GET /slow?ms=N` answers after N ms, `GET /ok` at once, both with
-/// `x-upstream: <name>`; `POST /upload` reads the whole body and answers its length.
+/// A fake upstream: `GET /slow?ms=N` answers after N ms, `GET /ok` at once, `GET /public`
+/// with `cache-control: public`, all with `x-upstream: <name>` (anything else is a 404); `POST /upload` reads the whole body and answers its length.
 pub async fn fake_upstream(name: &'static str) -> SocketAddr {
     fake_upstream_counting(name).await.0
 }
@@ -293,6 +293,18 @@ pub async fn fake_upstream_counting(
         .route(
             "/ok",
             get(move || async move { ([("x-upstream", name)], "ok") }),
+        )
+        .route(
+            "/public",
+            get(move || async move {
+                (
+                    [
+                        ("x-upstream", name),
+                        ("cache-control", "public, max-age=60"),
+                    ],
+                    "shared",
+                )
+            }),
         )
         .route(
             "/slow",
