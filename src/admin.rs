@@ -43,7 +43,14 @@ pub fn app(state: AdminState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .fallback(not_found)
         .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let body =
+        json!({ "error": "not_found", "message": format!("no admin endpoint {}", uri.path()) });
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
 }
 
 async fn health() -> Json<Value> {

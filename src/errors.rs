@@ -13,6 +13,9 @@ pub enum Rejection {
     /// No route matches host, path and method.
     #[error("no route matches this request")]
     NoRoute,
+    /// A method the proxy refuses outright (`CONNECT`).
+    #[error("this method is not allowed")]
+    MethodNotAllowed,
     /// The body is larger than the route's `max_body`.
     #[error("the request body is larger than this route accepts")]
     BodyTooLarge,
@@ -45,6 +48,7 @@ impl Rejection {
         match self {
             Rejection::BadRequest(_) => 400,
             Rejection::NoRoute => 404,
+            Rejection::MethodNotAllowed => 405,
             Rejection::BodyTooLarge => 413,
             Rejection::NoBackend | Rejection::UpstreamFailed => 502,
             Rejection::PoolSaturated
@@ -60,6 +64,7 @@ impl Rejection {
         match self {
             Rejection::BadRequest(_) => "bad_request",
             Rejection::NoRoute => "no_route",
+            Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::NoBackend => "no_backend",
             Rejection::PoolSaturated => "pool_saturated",

@@ -551,6 +551,18 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    fn early_error_response(&self, status: u16) -> Option<(ResponseHeader, Bytes)> {
+        // Before any hook ran: there is no request id yet, so one is made for the answer.
+        let rejection = match status {
+            405 => Rejection::MethodNotAllowed,
+            _ => Rejection::BadRequest("the request is malformed"),
+        };
+        let request_id = request_id::choose(None);
+        let header =
+            error_header(rejection, &request_id, rejection.body(&request_id).len()).ok()?;
+        Some((header, rejection.body(&request_id)))
+    }
+
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
         // Pingora's error lines then carry the id the client and the access log see.
         format!(
@@ -717,18 +729,33 @@ async fn answer(session: &mut Session, ctx: &mut RequestCtx, rejection: Rejectio
     Ok(true)
 }
 
-/// Writes the JSON error for `rejection`.
-async fn respond(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) -> Result<()> {
-    let body = rejection.body(&ctx.request_id);
-    let mut header = ResponseHeader::build(rejection.status(), Some(4))?;
+/// The response header of the JSON error for `rejection`, whose body is `length` bytes.
+fn error_header(rejection: Rejection, request_id: &str, length: usize) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(rejection.status(), Some(5))?;
     header.insert_header(header::CONTENT_TYPE, "application/json")?;
-    header.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(header::CONTENT_LENGTH, length.to_string())?;
     header.insert_header(header::CACHE_CONTROL, "no-store")?;
-    header.insert_header("x-request-id", &ctx.request_id)?;
+    header.insert_header("x-request-id", request_id)?;
     if rejection.status() == 503 {
         header.insert_header(header::RETRY_AFTER, "1")?;
     }
-    session.set_keepalive(None);
+    Ok(header)
+}
+
+/// Writes the JSON error for `rejection`.
+async fn respond(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) -> Result<()> {
+    let body = rejection.body(&ctx.request_id);
+    let header = error_header(rejection, &ctx.request_id, body.len())?;
+    // The connection stays open only when nothing of the request is left unread and the
+    // request was well-formed.
+    let clean = session.is_body_empty()
+        && !matches!(
+            rejection,
+            Rejection::BadRequest(_) | Rejection::BodyTooLarge
+        );
+    if !clean || ctx.cut.is_some() || ctx.choice.is_some() {
+        session.set_keepalive(None);
+    }
     session
         .write_response_header(Box::new(header), false)
         .await?;

@@ -312,6 +312,19 @@ fn check(yaml: &str) -> (bool, String, String) {
 }
 
 #[tokio::test]
+async fn unknown_admin_paths_get_a_json_404() {
+    let edge = edge_with_server("{}").await;
+    let response = client()
+        .get(format!("http://{}/nope", edge.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "not_found");
+}
+
+#[tokio::test]
 async fn a_pool_no_route_uses_does_not_fail_readiness_and_check_warns_about_it() {
     let upstream = common::fake_upstream("up").await;
     // A port nothing listens on (bound, then released).

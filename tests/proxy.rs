@@ -124,6 +124,44 @@ async fn unknown_paths_get_a_json_404_with_the_request_id() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "no_route");
     assert_eq!(body["request_id"], "trace-123");
+
+    // The connection stays usable: two 404s, then a routed request, on one connection.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
+    for (path, status) in [("/a", "404"), ("/b", "404"), ("/v1/echo", "200")] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let complete = |a: &[u8]| {
+            let text = String::from_utf8_lossy(a).to_ascii_lowercase();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let length = head.lines().find_map(|l| {
+                l.strip_prefix("content-length: ")?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            });
+            length.is_some_and(|n| body.len() >= n)
+        };
+        while !complete(&answer) {
+            let read = tokio::time::timeout(common::DEADLINE, stream.read(&mut buf)).await;
+            let n = read.expect("the proxy answers").unwrap();
+            assert!(
+                n > 0,
+                "{path}: closed after {:?}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -349,7 +387,20 @@ routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
             "{:?} got {answer:?}",
             String::from_utf8_lossy(request)
         );
+        // Even a request that does not parse gets the JSON error, and no `Server`.
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(!head.to_ascii_lowercase().contains("server:"), "{head}");
+        let body: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{answer}: {e}"));
+        assert_eq!(body["error"], "bad_request");
+        assert!(body["request_id"].as_str().is_some_and(|id| !id.is_empty()));
     }
+    let answer =
+        common::raw_exchange(edge.proxy, b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(
+        answer.contains(r#""error":"method_not_allowed""#),
+        "{answer}"
+    );
     // Content-Length with Transfer-Encoding: framed by the encoding, and the connection is
     // closed after the answer, so bytes smuggled behind the body are never read as a request.
     let answer = common::raw_exchange(

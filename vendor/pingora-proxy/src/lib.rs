@@ -352,12 +352,7 @@ where
                         "Fail to proxy: {e}, downstream session type: {}",
                         downstream_session.session_type()
                     );
-                    downstream_session
-                        .respond_error(400)
-                        .await
-                        .unwrap_or_else(|e| {
-                            error!("failed to send error response to downstream: {e}");
-                        });
+                    self.respond_early_error(&mut downstream_session, 400).await;
                 } else {
                     // otherwise the connection must be broken, no need to send anything
                     error!(
@@ -385,16 +380,26 @@ where
             .is_some_and(|opts| opts.allow_connect_method_proxying)
             && downstream_session.req_header().method == Method::CONNECT
         {
-            downstream_session
-                .respond_error(405)
-                .await
-                .unwrap_or_else(|e| {
-                    error!("failed to send error response to downstream: {e}");
-                });
+            self.respond_early_error(&mut downstream_session, 405).await;
             downstream_session.shutdown().await;
             return None;
         }
         Some(downstream_session)
+    }
+
+    /// kingdom-edge patch: answers with the user's [`ProxyHttp::early_error_response`] if it
+    /// gives one, else Pingora's own.
+    async fn respond_early_error(&self, session: &mut HttpSession, status: u16)
+    where
+        SV: ProxyHttp + Send + Sync,
+    {
+        let result = match self.inner.early_error_response(status) {
+            Some((header, body)) => session.write_error_response(header, body).await,
+            None => session.respond_error(status).await,
+        };
+        result.unwrap_or_else(|e| {
+            error!("failed to send error response to downstream: {e}");
+        });
     }
 
     // return bool: server_session can be reused, and error if any

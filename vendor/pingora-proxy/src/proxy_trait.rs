@@ -708,6 +708,13 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// kingdom-edge patch: the answer to a request refused before any other hook runs: `400`
+    /// for a request whose header cannot be parsed, `405` for `CONNECT`. `None` (the default)
+    /// sends Pingora's own empty response.
+    fn early_error_response(&self, _status: u16) -> Option<(ResponseHeader, Bytes)> {
+        None
+    }
+
     /// This callback is invoked every time request related error log needs to be generated
     ///
     /// Users can define what is important to be written about this request via the returned string.
