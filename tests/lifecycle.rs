@@ -101,7 +101,8 @@ routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_then_exits() {
-    let slow = common::fake_upstream("slow").await;
+    let slow_upstream = common::toggle_upstream("slow").await;
+    let slow = slow_upstream.addr;
     let p = free_ports(3);
     let api = format!("127.0.0.1:{}", p[2]);
     let yaml = format!(
@@ -115,7 +116,7 @@ pools:
   slow: {{ backends: [{{ address: {slow} }}] }}
   api: {{ backends: [{{ address: {api} }}] }}
 routes:
-  - {{ name: slow, match: {{ path_prefix: /slow }}, pool: slow }}
+  - {{ name: slow, match: {{ path_prefix: /ok }}, pool: slow }}
   - {{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}
 "#,
         proxy = p[0],
@@ -125,7 +126,9 @@ routes:
     let sidecar = sidecar_pid(&edge.status().await, &api).unwrap();
 
     let http = client();
-    let in_flight = tokio::spawn(http.get(edge.url("/slow?ms=1500")).send());
+    // Held at the upstream until the drain has been observed.
+    slow_upstream.close();
+    let in_flight = tokio::spawn(http.get(edge.url("/ok")).send());
     wait_for("the slow request to be in flight", || {
         let status = edge.status();
         async move { (status.await["in_flight"] == 1).then_some(()) }
@@ -154,12 +157,13 @@ routes:
         .unwrap();
     assert_eq!(ready.status(), 503, "readiness fails while draining");
 
+    slow_upstream.open();
     let response = in_flight
         .await
         .unwrap()
         .expect("the in-flight request completes");
     assert_eq!(response.status(), 200);
-    assert_eq!(response.text().await.unwrap(), "slow ok");
+    assert_eq!(response.text().await.unwrap(), "slow");
 
     // The process exits once idle, long before the 60s shutdown_timeout, and stops its sidecar.
     let status = edge.wait_exit().await;

@@ -292,10 +292,12 @@ async fn sticky_sessions_stay_then_move_with_a_new_cookie_and_ignore_forgeries()
 
 #[tokio::test]
 async fn max_in_flight_answers_503_at_once() {
-    let slow = common::fake_upstream("slow").await;
-    let edge = common::edge_for_pool(&[slow], &["limits: { max_in_flight: 1 }"]).await;
+    let slow = common::toggle_upstream("slow").await;
+    let edge = common::edge_for_pool(&[slow.addr], &["limits: { max_in_flight: 1 }"]).await;
     let http = client();
-    let first = tokio::spawn(http.get(edge.url("/slow?ms=1500")).send());
+    // The first request is held at the upstream until the second has been refused.
+    slow.close();
+    let first = tokio::spawn(http.get(edge.url("/ok")).send());
     wait_for("the first request to be in flight", || {
         let status = edge.status();
         async move { (status.await["pools"][0]["in_flight"] == 1).then_some(()) }
@@ -306,6 +308,7 @@ async fn max_in_flight_answers_503_at_once() {
     assert_eq!(second.headers()["retry-after"], "1");
     let body: Value = second.json().await.unwrap();
     assert_eq!(body["error"], "pool_saturated");
+    slow.open();
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
     assert_eq!(
         http.get(edge.url("/ok")).send().await.unwrap().status(),

@@ -52,6 +52,7 @@ routes: [{{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}]
         if http1_only {
             builder = builder.http1_only();
         }
+        builder = builder.timeout(std::time::Duration::from_secs(20));
         builder.build().unwrap()
     };
 
@@ -151,7 +152,10 @@ routes: [{{ name: ws, match: {{ path_prefix: /ws }}, pool: ws }}]
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await.unwrap();
+        let n = tokio::time::timeout(common::DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("the handshake answer")
+            .unwrap();
         assert!(n > 0, "connection closed during the handshake: {head:?}");
         head.extend_from_slice(&buf[..n]);
     }
@@ -164,6 +168,9 @@ routes: [{{ name: ws, match: {{ path_prefix: /ws }}, pool: ws }}]
         .await
         .unwrap();
     let mut echoed = vec![0u8; 30];
-    stream.read_exact(&mut echoed).await.unwrap();
+    tokio::time::timeout(common::DEADLINE, stream.read_exact(&mut echoed))
+        .await
+        .expect("the echo")
+        .unwrap();
     assert_eq!(&echoed, b"frames are opaque to the proxy");
 }

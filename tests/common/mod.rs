@@ -343,6 +343,20 @@ pub struct Toggle {
     pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Each answer waits this many milliseconds first.
     pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// While closed, answers wait (requests are still counted as they arrive).
+    pub gate: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Toggle {
+    /// Holds every answer until [`Self::open`].
+    pub fn close(&self) {
+        self.gate.send_replace(false);
+    }
+
+    /// Lets held and later answers go.
+    pub fn open(&self) {
+        self.gate.send_replace(true);
+    }
 }
 
 /// Starts a [`Toggle`] upstream: `GET /ok` and `POST /ok` answer 200 with `x-upstream: <name>`
@@ -355,11 +369,19 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
     let failing = Arc::new(AtomicBool::new(false));
     let hits = Arc::new(AtomicUsize::new(0));
     let delay_ms = Arc::new(AtomicU64::new(0));
-    let (f, h, d) = (failing.clone(), hits.clone(), delay_ms.clone());
+    let gate = Arc::new(tokio::sync::watch::Sender::new(true));
+    let (f, h, d, g) = (
+        failing.clone(),
+        hits.clone(),
+        delay_ms.clone(),
+        gate.clone(),
+    );
     let answer = move || {
         let (f, h, d) = (f.clone(), h.clone(), d.clone());
+        let mut open = g.subscribe();
         async move {
             h.fetch_add(1, Ordering::SeqCst);
+            let _ = open.wait_for(|open| *open).await;
             let delay = d.load(Ordering::SeqCst);
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -385,6 +407,7 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
         failing,
         hits,
         delay_ms,
+        gate,
     }
 }
 
@@ -396,23 +419,45 @@ pub struct ApiProcess {
 }
 
 impl ApiProcess {
-    /// Starts `kingdom-api --listen <free port>` and waits until it accepts connections.
+    /// Starts `kingdom-api --listen <free port>` and waits until its own `/healthz` answers
+    /// (`x-instance` names its address, so nothing else that took the port is mistaken for
+    /// it). A port taken between choosing and binding makes the process exit: then it tries
+    /// another.
     pub async fn start() -> ApiProcess {
-        let addr = addr(free_ports(1)[0]);
-        let child = Command::new(bin("kingdom-api"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .env("KINGDOM_API_SECRET", "integration-test-secret")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("kingdom-api to listen", || async move {
-            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-        })
-        .await;
-        ApiProcess { child, addr }
+        for _ in 0..5 {
+            let addr = addr(free_ports(1)[0]);
+            let mut child = Command::new(bin("kingdom-api"))
+                .arg("--listen")
+                .arg(addr.to_string())
+                .env("KINGDOM_API_SECRET", "integration-test-secret")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let http = client();
+            let url = format!("http://{addr}/healthz");
+            let mut exited = false;
+            wait_for("kingdom-api to answer /healthz", || {
+                exited = exited || child.try_wait().ok().flatten().is_some();
+                let request = http.get(&url).send();
+                let (me, exited) = (addr.to_string(), exited);
+                async move {
+                    if exited {
+                        return Some(());
+                    }
+                    let response = request.await.ok()?;
+                    let identity = response.headers().get("x-instance")?;
+                    (identity.to_str().ok()? == me).then_some(())
+                }
+            })
+            .await;
+            if !exited {
+                return ApiProcess { child, addr };
+            }
+            let _ = child.wait();
+        }
+        panic!("kingdom-api could not bind a free port five times");
     }
 
     /// SIGKILL, and reap.
