@@ -477,6 +477,13 @@ impl Drop for ApiProcess {
 /// extra pool keys in `extra` (YAML flow-mapping entries such as `limits: { max_in_flight: 1 }`,
 /// one per line). Waits until every backend accepts connections.
 pub async fn edge_for_pool(backends: &[SocketAddr], extra: &[&str]) -> Edge {
+    let (yaml, proxy, admin) = pool_config(backends, extra);
+    Edge::start_ready(&yaml, proxy, admin).await
+}
+
+/// [`edge_for_pool`]'s config, and its proxy and admin addresses, for a test that starts it
+/// itself.
+pub fn pool_config(backends: &[SocketAddr], extra: &[&str]) -> (String, SocketAddr, SocketAddr) {
     let p = free_ports(2);
     let list: Vec<String> = backends
         .iter()
@@ -489,7 +496,7 @@ pub async fn edge_for_pool(backends: &[SocketAddr], extra: &[&str]) -> Edge {
         p[1],
         list.join(", ")
     );
-    Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
+    (yaml, addr(p[0]), addr(p[1]))
 }
 
 /// Sends raw bytes and returns everything the proxy answers before closing (bounded).

@@ -1,0 +1,276 @@
+//! Documented behaviours end to end, one test each: panic modes, health-check kinds and
+//! statuses, the ejection cap, retries turned off, consistent hashing, and stop timeouts.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::{client, wait_for, Edge};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn backends(status: &Value) -> &Vec<Value> {
+    status["pools"][0]["backends"].as_array().unwrap()
+}
+
+/// Waits until `/status` shows `n` backends with `healthy` equal to `healthy`.
+async fn wait_healthy(edge: &Edge, n: usize, healthy: bool) {
+    wait_for(&format!("{n} backends with healthy={healthy}"), || {
+        let status = edge.status();
+        async move {
+            let status = status.await;
+            let count = backends(&status)
+                .iter()
+                .filter(|b| b["healthy"] == healthy && b["last_probe"] != Value::Null)
+                .count();
+            (count == n).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn panic_fail_open_still_serves_and_fail_closed_answers_503() {
+    // The checks probe a path the upstreams do not have: every backend is unhealthy, though
+    // they answer real requests.
+    let a = common::toggle_upstream("a").await;
+    let b = common::toggle_upstream("b").await;
+    let check = "health_check: { path: /missing, interval: 100ms }";
+    let (yaml, proxy, admin) = common::pool_config(&[a.addr, b.addr], &[check, "panic: fail_open"]);
+    let open = Edge::start(&yaml, proxy, admin).await;
+    wait_healthy(&open, 2, false).await;
+    let response = client().get(open.url("/ok")).send().await.unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "fail_open spreads over every backend"
+    );
+
+    let (yaml, proxy, admin) =
+        common::pool_config(&[a.addr, b.addr], &[check, "panic: fail_closed"]);
+    let closed = Edge::start(&yaml, proxy, admin).await;
+    wait_healthy(&closed, 2, false).await;
+    let before = a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst);
+    let response = client().get(closed.url("/ok")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "no_healthy_backend");
+    let after = a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst);
+    assert_eq!(before, after, "nothing was sent upstream");
+}
+
+#[tokio::test]
+async fn health_checks_honour_kind_statuses_rise_and_fall() {
+    let up = common::toggle_upstream("up").await;
+    // A TCP probe passes whatever the HTTP answer.
+    up.failing.store(true, Ordering::SeqCst);
+    let tcp = common::edge_for_pool(
+        &[up.addr],
+        &["health_check: { type: tcp, interval: 100ms }"],
+    )
+    .await;
+    wait_healthy(&tcp, 1, true).await;
+    assert_eq!(backends(&tcp.status().await)[0]["last_probe"], "connected");
+
+    // `expected_statuses` decides what an HTTP probe accepts: 503 passes here.
+    let lenient = common::edge_for_pool(
+        &[up.addr],
+        &["health_check: { path: /healthz, interval: 100ms, expected_statuses: [200, \"5xx\"] }"],
+    )
+    .await;
+    wait_healthy(&lenient, 1, true).await;
+
+    // Default statuses, rise 2 / fall 2: fails, then recovers.
+    up.failing.store(false, Ordering::SeqCst);
+    let strict = common::edge_for_pool(
+        &[up.addr],
+        &["health_check: { path: /healthz, interval: 100ms, rise: 2, fall: 2 }"],
+    )
+    .await;
+    drop((tcp, lenient));
+    wait_healthy(&strict, 1, true).await;
+    up.failing.store(true, Ordering::SeqCst);
+    wait_healthy(&strict, 1, false).await;
+    assert_eq!(backends(&strict.status().await)[0]["last_probe"], "503");
+    up.failing.store(false, Ordering::SeqCst);
+    wait_healthy(&strict, 1, true).await;
+    let response = client().get(strict.url("/ok")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// Two upstreams that answer 503, behind a pool with the `extra` keys.
+async fn failing_pair(extra: &[&str]) -> (common::Toggle, common::Toggle, Edge) {
+    let a = common::toggle_upstream("a").await;
+    let b = common::toggle_upstream("b").await;
+    a.failing.store(true, Ordering::SeqCst);
+    b.failing.store(true, Ordering::SeqCst);
+    let edge = common::edge_for_pool(&[a.addr, b.addr], extra).await;
+    (a, b, edge)
+}
+
+#[tokio::test]
+async fn max_ejected_percent_keeps_part_of_the_pool_in_rotation() {
+    let (_a, _b, edge) = failing_pair(&[
+        "outlier: { consecutive_failures: 1, base_ejection: 5m, max_ejected_percent: 50 }",
+        "retries: { attempts: 0 }",
+    ])
+    .await;
+    let http = client();
+    for _ in 0..10 {
+        let response = http.get(edge.url("/ok")).send().await.unwrap();
+        assert_eq!(response.status(), 503, "the upstream's answer");
+    }
+    let status = edge.status().await;
+    let open = backends(&status)
+        .iter()
+        .filter(|b| b["breaker"] != "closed")
+        .count();
+    assert_eq!(open, 1, "half of two backends may be ejected: {status}");
+}
+
+#[tokio::test]
+async fn retries_off_sends_each_request_once() {
+    let (a, b, edge) =
+        failing_pair(&["outlier: { enabled: false }", "retries: { attempts: 0 }"]).await;
+    let response = client().get(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    let hits = a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst);
+    assert_eq!(hits, 1);
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        common::metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn consistent_hashing_keeps_keys_and_moves_only_a_dead_owners_keys_and_back() {
+    let upstreams = [
+        common::toggle_upstream("a").await,
+        common::toggle_upstream("b").await,
+        common::toggle_upstream("c").await,
+    ];
+    let addrs: Vec<_> = upstreams.iter().map(|u| u.addr).collect();
+    let edge = common::edge_for_pool(
+        &addrs,
+        &[
+            "balance: consistent_hash",
+            "hash_key: { header: x-user }",
+            "health_check: { path: /healthz, interval: 100ms, rise: 1, fall: 1 }",
+        ],
+    )
+    .await;
+    wait_healthy(&edge, 3, true).await;
+    let http = client();
+    let owners = || async {
+        let mut owners = Vec::new();
+        for user in 0..30 {
+            let response = http
+                .get(edge.url("/ok"))
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            owners.push(
+                response.headers()["x-upstream"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        owners
+    };
+    let before = owners().await;
+    assert_eq!(before, owners().await, "keys stay put");
+    let victim = before[0].clone();
+    let index = ["a", "b", "c"].iter().position(|n| *n == victim).unwrap();
+    upstreams[index].failing.store(true, Ordering::SeqCst);
+    wait_healthy(&edge, 1, false).await;
+    let during = owners().await;
+    for (x, y) in before.iter().zip(&during) {
+        if *x == victim {
+            assert_ne!(*y, victim);
+        } else {
+            assert_eq!(x, y, "a live owner's key moved");
+        }
+    }
+    upstreams[index].failing.store(false, Ordering::SeqCst);
+    wait_healthy(&edge, 3, true).await;
+    assert_eq!(owners().await, before, "keys come back to their owner");
+}
+
+#[tokio::test]
+async fn shutdown_timeout_ends_a_drain_with_a_request_still_in_flight() {
+    let held = common::toggle_upstream("held").await;
+    let p = common::free_ports(2);
+    let yaml = format!(
+        r#"
+server: {{ shutdown_timeout: 1s }}
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+pools: {{ held: {{ backends: [{{ address: {} }}] }} }}
+routes: [{{ name: held, match: {{ path_prefix: / }}, pool: held }}]
+"#,
+        p[0], p[1], held.addr
+    );
+    let mut edge = Edge::start(&yaml, common::addr(p[0]), common::addr(p[1])).await;
+    held.close();
+    let request = tokio::spawn(client().get(edge.url("/ok")).send());
+    wait_for("the request to be in flight", || {
+        let status = edge.status();
+        async move { (status.await["in_flight"] == 1).then_some(()) }
+    })
+    .await;
+    edge.signal(Signal::SIGTERM);
+    // The upstream never answers: the drain gives up after shutdown_timeout and exits.
+    assert!(edge.wait_exit().await.success());
+    assert!(
+        request.await.unwrap().is_err(),
+        "the held request was cut off"
+    );
+    assert!(
+        edge.stderr()
+            .contains("shutdown_timeout reached with requests still in flight"),
+        "{}",
+        edge.stderr()
+    );
+}
+
+#[tokio::test]
+async fn sidecars_exit_when_the_proxy_is_killed() {
+    let p = common::free_ports(3);
+    let api = format!("127.0.0.1:{}", p[2]);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+sidecars:
+  - {{ name: api, command: kingdom-api, addresses: [{api}], env: {{ KINGDOM_API_SECRET: integration-test-secret }} }}
+pools: {{ api: {{ backends: [{{ address: {api} }}] }} }}
+routes: [{{ name: api, match: {{ path_prefix: / }}, pool: api }}]
+"#,
+        p[0], p[1]
+    );
+    let mut edge = Edge::start_ready(&yaml, common::addr(p[0]), common::addr(p[1])).await;
+    let status = edge.status().await;
+    let sidecar = status["sidecars"][0]["pid"].as_i64().unwrap() as i32;
+    edge.signal(Signal::SIGKILL);
+    edge.wait_exit().await;
+    // No chance to stop it: the sidecar notices its stdin closing and exits by itself.
+    wait_for("the orphaned sidecar to exit", || {
+        std::future::ready(exited(sidecar).then_some(()))
+    })
+    .await;
+}
+
+/// Whether process `pid` is gone or a zombie (exited, waiting for whoever adopted it).
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
