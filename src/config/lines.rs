@@ -10,6 +10,7 @@ use yaml_rust2::scanner::Marker;
 #[derive(Debug, Default)]
 pub struct LineIndex {
     lines: HashMap<String, usize>,
+    duplicates: Vec<(String, usize, usize)>,
 }
 
 impl LineIndex {
@@ -23,7 +24,13 @@ impl LineIndex {
         }
         Self {
             lines: walker.lines,
+            duplicates: walker.duplicates,
         }
+    }
+
+    /// Keys given twice in one mapping: path, line of the repeat, line of the first.
+    pub fn duplicates(&self) -> &[(String, usize, usize)] {
+        &self.duplicates
     }
 
     /// The line of `path`, or of its closest ancestor the index knows.
@@ -49,6 +56,7 @@ struct Walker {
     stack: Vec<Frame>,
     path: Vec<String>,
     lines: HashMap<String, usize>,
+    duplicates: Vec<(String, usize, usize)>,
 }
 
 impl Walker {
@@ -86,6 +94,10 @@ impl MarkedEventReceiver for Walker {
             Event::Scalar(text, ..) => {
                 if let Some(Frame::Map { key: key @ None }) = self.stack.last_mut() {
                     *key = Some(text.clone());
+                    let path = self.joined(&text);
+                    if let Some(first) = self.lines.get(&path) {
+                        self.duplicates.push((path, mark.line(), *first));
+                    }
                     self.record(&text, mark);
                 } else if let Some(segment) = self.value_segment() {
                     self.record(&segment, mark);

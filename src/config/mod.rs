@@ -5,6 +5,7 @@
 
 pub mod lines;
 pub mod raw;
+mod shape;
 pub mod units;
 
 use std::fmt;
@@ -145,12 +146,27 @@ pub fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
 
 /// Parses and compiles config text.
 pub fn parse(text: &str, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigError>> {
-    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| vec![from_serde(&e)])?;
+    let index = LineIndex::new(text);
+    let duplicates = index.duplicates();
+    if !duplicates.is_empty() {
+        return Err(duplicates
+            .iter()
+            .map(|(path, line, first)| ConfigError {
+                path: path.clone(),
+                line: Some(*line),
+                message: format!("duplicate key (first given at line {first})"),
+            })
+            .collect());
+    }
+    let raw: RawConfig = match serde_yaml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => return Err(Errors(shape::errors(text, &e, &index)).into_located(&index)),
+    };
     let mut errors = Errors::default();
     let snapshot = snapshot::compile(&raw, text, cx, &mut errors);
     match snapshot {
         Some(snapshot) if errors.is_empty() => Ok(snapshot),
-        _ => Err(errors.into_located(&LineIndex::new(text))),
+        _ => Err(errors.into_located(&index)),
     }
 }
 

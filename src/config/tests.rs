@@ -75,7 +75,26 @@ fn broken_files_give_exact_errors() {
         (
             "unknown key",
             "pools:\n  api:\n    backends: [{ address: 127.0.0.1:9201 }]\n    colour: blue\n",
-            &["line 4: pools.api: unknown field `colour`, expected one of `balance`, `hash_key`, `backends`, `timeouts`, `health_check`, `outlier`, `panic`, `limits`, `retries`, `slow_start`, `sticky`"],
+            &[
+                "line 4: pools.api: unknown field `colour`, expected one of `balance`, `hash_key`, `backends`, `timeouts`, `health_check`, `outlier`, `panic`, `limits`, `retries`, `slow_start`, `sticky`",
+                "missing field `listeners`",
+                "missing field `routes`",
+            ],
+        ),
+        (
+            "every shape error, each at its line",
+            "listeners: [{ name: public, address: 127.0.0.1:8080, colour: red }]\npools:\n  api:\n    backends: [{ address: 127.0.0.1:9201, weight: heavy }]\n  web:\n    backends: []\n    timeouts: { connect: soon }\nroutes:\n  - { name: api, pool: api, extra: 1 }\n",
+            &[
+                "line 1: listeners[0]: unknown field `colour`, expected one of `name`, `address`, `tls`",
+                "line 4: pools.api.backends[0].weight: invalid type: string \"heavy\", expected u32",
+                "line 7: pools.web.timeouts.connect: `soon` is not a duration (e.g. 250ms, 2s, 15m, 1h)",
+                "line 9: routes[0]: unknown field `extra`, expected one of `name`, `match`, `pool`, `max_body`",
+            ],
+        ),
+        (
+            "a key given twice",
+            "listeners: []\npools: {}\nroutes: []\npools: {}\n",
+            &["line 4: pools: duplicate key (first given at line 2)"],
         ),
         (
             "bad duration",
