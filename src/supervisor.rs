@@ -129,11 +129,7 @@ impl Supervisor {
                     tracing::error!(sidecar = %name, address = %process.address, "cannot start sidecar: {e}")
                 }
             }
-            backoff = if started.elapsed() >= STABLE_AFTER {
-                MIN_BACKOFF
-            } else {
-                (backoff * 2).min(MAX_BACKOFF)
-            };
+            backoff = next_backoff(backoff, started.elapsed());
         }
     }
 
@@ -238,6 +234,16 @@ impl Supervisor {
     }
 }
 
+/// The delay before the next restart, after a child that ran for `ran` was restarted after
+/// `backoff`: doubling while it keeps exiting quickly, back to the minimum after a stable run.
+fn next_backoff(backoff: Duration, ran: Duration) -> Duration {
+    if ran >= STABLE_AFTER {
+        MIN_BACKOFF
+    } else {
+        (backoff * 2).min(MAX_BACKOFF)
+    }
+}
+
 /// Whether `address` accepts a TCP connection within `wait`, trying every 20 ms.
 async fn listening_within(address: SocketAddr, wait: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
@@ -313,6 +319,23 @@ async fn relay(stream: impl AsyncRead + Unpin, sidecar: String, address: SocketA
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn restarts_back_off_while_a_child_keeps_crashing() {
+        let quick = Duration::from_millis(5);
+        let mut backoff = MIN_BACKOFF;
+        let mut delays = Vec::new();
+        for _ in 0..9 {
+            backoff = next_backoff(backoff, quick);
+            delays.push(backoff.as_millis());
+        }
+        assert_eq!(
+            delays,
+            [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        assert_eq!(next_backoff(MAX_BACKOFF, STABLE_AFTER), MIN_BACKOFF);
+    }
+
     use super::*;
 
     #[test]

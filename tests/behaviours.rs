@@ -274,3 +274,34 @@ fn exited(pid: i32) -> bool {
         Err(_) => true,
     }
 }
+
+#[tokio::test]
+async fn least_connections_steers_away_from_a_backend_holding_a_request() {
+    let fast = common::toggle_upstream("fast").await;
+    let slow = common::toggle_upstream("slow").await;
+    let edge =
+        common::edge_for_pool(&[fast.addr, slow.addr], &["balance: least_connections"]).await;
+    let http = client();
+    slow.close();
+    let hits = || fast.hits.load(Ordering::SeqCst) + slow.hits.load(Ordering::SeqCst);
+    let mut held = Vec::new();
+    // One request at a time: idle backends tie, so the first requests go either way, until
+    // one is held by the slow backend; from then on it has more in flight, and none follow.
+    for sent in 1..=30 {
+        let request = tokio::spawn(http.get(edge.url("/ok")).send());
+        wait_for("the request to arrive", || {
+            std::future::ready((hits() == sent).then_some(()))
+        })
+        .await;
+        if slow.hits.load(Ordering::SeqCst) > held.len() {
+            held.push(request);
+        } else {
+            assert_eq!(request.await.unwrap().unwrap().status(), 200);
+        }
+    }
+    assert_eq!(held.len(), 1, "only one request went to the busy backend");
+    slow.open();
+    for request in held {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+}

@@ -174,3 +174,71 @@ routes: [{{ name: ws, match: {{ path_prefix: /ws }}, pool: ws }}]
         .unwrap();
     assert_eq!(&echoed, b"frames are opaque to the proxy");
 }
+
+#[tokio::test]
+async fn sticky_cookies_are_secure_on_tls_and_expire_after_their_ttl() {
+    let certs = tempfile::tempdir().unwrap();
+    let pem = common::self_signed(certs.path(), "edge", &["edge.test"]);
+    let upstream = common::fake_upstream("up").await;
+    let p = free_ports(2);
+    let d = certs.path().display();
+    let yaml = format!(
+        r#"
+listeners:
+  - name: tls
+    address: 127.0.0.1:{tls}
+    tls: {{ certificates: [{{ cert: {d}/edge.crt, key: {d}/edge.key }}] }}
+admin: {{ address: 127.0.0.1:{admin} }}
+pools:
+  app:
+    backends: [{{ address: {upstream} }}]
+    sticky: {{ cookie: kd, ttl: 1s, secret: integration-sticky-secret }}
+routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
+"#,
+        tls = p[0],
+        admin = p[1],
+    );
+    let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .resolve("edge.test", addr(p[0]))
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let url = format!("https://edge.test:{}/ok", p[0]);
+    let first = client.get(&url).send().await.unwrap();
+    let set = first.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.ends_with("; Secure"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+
+    // Once its second has passed, the cookie is refused as expired and replaced.
+    common::wait_for("the cookie to expire", || {
+        let request = client.get(&url).header("cookie", &cookie).send();
+        let metrics = edge.metrics();
+        async move {
+            request.await.ok()?;
+            let expired = common::metric(
+                &metrics.await,
+                r#"kingdom_edge_sticky_invalid_total{pool="app",reason="expired"}"#,
+            );
+            (expired >= 1.0).then_some(())
+        }
+    })
+    .await;
+    let after = client
+        .get(&url)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let new = after
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert!(
+        new.is_some_and(|c| !c.starts_with(&format!("{cookie};"))),
+        "an expired pin gets a new cookie"
+    );
+}
