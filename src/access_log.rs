@@ -11,8 +11,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -71,6 +71,8 @@ pub struct AccessLog {
     queue: Option<SyncSender<Message>>,
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
+    /// Lines dropped at a full queue, for the writer's report on stderr.
+    overflowed: Arc<AtomicU64>,
 }
 
 impl AccessLog {
@@ -78,12 +80,14 @@ impl AccessLog {
     pub fn open(output: &AccessLogOutput, metrics: Arc<Metrics>) -> io::Result<Self> {
         let dropped = metrics.access_log_dropped.clone();
         let reopen = Arc::new(AtomicBool::new(false));
+        let overflowed = Arc::new(AtomicU64::new(0));
         let output = match output {
             AccessLogOutput::Off => {
                 return Ok(Self {
                     queue: None,
                     reopen,
                     dropped,
+                    overflowed,
                 })
             }
             AccessLogOutput::Stdout => Output::Stdout(io::stdout()),
@@ -94,7 +98,9 @@ impl AccessLog {
             output,
             reopen: reopen.clone(),
             dropped: dropped.clone(),
+            overflowed: overflowed.clone(),
             unreported: 0,
+            last_error: None,
             last_report: None,
         };
         thread::Builder::new()
@@ -104,6 +110,7 @@ impl AccessLog {
             queue: Some(queue),
             reopen,
             dropped,
+            overflowed,
         })
     }
 
@@ -121,7 +128,10 @@ impl AccessLog {
         };
         match queue.try_send(Message::Line(line)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+                self.overflowed.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -134,13 +144,24 @@ impl AccessLog {
         }
     }
 
-    /// Waits up to `timeout` for queued lines to reach the output, for a clean exit.
+    /// Waits up to `timeout` for queued lines to reach the output, for a clean exit. Never
+    /// longer, even when the writer is stuck on a hung disk with a full queue.
     pub fn flush(&self, timeout: Duration) {
         let Some(queue) = &self.queue else { return };
+        let deadline = Instant::now() + timeout;
         let (done, wait) = sync_channel(1);
-        if queue.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(timeout);
+        let mut message = Message::Flush(done);
+        loop {
+            match queue.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    thread::sleep(BATCH_WINDOW);
+                }
+                Err(_) => return,
+            }
         }
+        let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 }
 
@@ -229,9 +250,21 @@ enum Output {
     File(LogFile),
 }
 
-/// Writes `batch`, whose lines end at the offsets in `ends`, keeping only whole lines.
-/// Returns how many lines were written, and the error that stopped the rest.
-fn write_batch(sink: &mut dyn Sink, batch: &[u8], ends: &[usize]) -> (usize, Option<io::Error>) {
+/// What became of a batch.
+#[derive(Debug)]
+struct Written {
+    /// Whole lines that reached the output.
+    lines: usize,
+    /// What stopped the rest.
+    error: Option<io::Error>,
+    /// The unwritten rest of a line cut short on an output that cannot take it back (a
+    /// pipe): written first next time, so the line is completed rather than torn.
+    carry: Vec<u8>,
+}
+
+/// Writes `batch`, whose lines end at the offsets in `ends`, keeping only whole lines: a line
+/// cut short is rolled back where the output allows it, else completed on the next write.
+fn write_batch(sink: &mut dyn Sink, batch: &[u8], ends: &[usize]) -> Written {
     let start = sink.len();
     let mut written = 0;
     let error = loop {
@@ -245,15 +278,24 @@ fn write_batch(sink: &mut dyn Sink, batch: &[u8], ends: &[usize]) -> (usize, Opt
             Err(e) => break Some(e),
         }
     };
-    let whole = ends.iter().take_while(|&&end| end <= written).count();
-    let kept = if whole == 0 { 0 } else { ends[whole - 1] };
+    let lines = ends.iter().take_while(|&&end| end <= written).count();
+    let kept = if lines == 0 { 0 } else { ends[lines - 1] };
+    let mut carry = Vec::new();
     if written > kept {
-        // A torn line: take it back, so the file holds only complete JSON lines.
-        if let Some(start) = start {
-            let _ = sink.truncate(start + kept as u64);
+        match start {
+            // Take the torn line back, unless someone else changed the file meanwhile.
+            Some(start) if sink.len() == Some(start + written as u64) => {
+                let _ = sink.truncate(start + kept as u64);
+            }
+            Some(_) => {}
+            None => carry = batch[written..ends[lines]].to_vec(),
         }
     }
-    (whole, error)
+    Written {
+        lines,
+        error,
+        carry,
+    }
 }
 
 struct Writer {
@@ -261,7 +303,10 @@ struct Writer {
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
     /// Lines lost since the last report.
+    overflowed: Arc<AtomicU64>,
+    /// Lines lost since the last report, and the last write error among them.
     unreported: u64,
+    last_error: Option<io::Error>,
     last_report: Option<Instant>,
 }
 
@@ -269,7 +314,22 @@ impl Writer {
     fn run(mut self, queue: Receiver<Message>) {
         let mut waiting = Vec::new();
         let (mut batch, mut ends) = (Vec::new(), Vec::new());
-        while let Ok(first) = queue.recv() {
+        let mut carry: Vec<u8> = Vec::new();
+        loop {
+            // Wake up now and then even when idle, so a last loss still gets reported.
+            let first = match queue.recv_timeout(REPORT_EVERY) {
+                Ok(message) => message,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.report();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            // The rest of a line cut short last time goes first, so it is completed.
+            if !carry.is_empty() {
+                batch.append(&mut carry);
+                ends.push(batch.len());
+            }
             // Drain what is already queued, then write once, so bursts cost one write.
             for message in
                 std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok()))
@@ -290,13 +350,17 @@ impl Writer {
                     Output::Stdout(out) => out,
                     Output::File(file) => file,
                 };
-                let (written, error) = write_batch(sink, &batch, &ends);
-                if let Some(e) = error {
-                    self.lost((ends.len() - written) as u64, &e);
+                let written = write_batch(sink, &batch, &ends);
+                // A carried line is not lost: it is finished next time.
+                let unfinished = written.lines + usize::from(!written.carry.is_empty());
+                if let Some(e) = written.error {
+                    self.lost((ends.len() - unfinished) as u64, e);
                 }
+                carry = written.carry;
                 batch.clear();
                 ends.clear();
             }
+            self.report();
             let flushed = !waiting.is_empty();
             for done in waiting.drain(..) {
                 let _ = done.send(());
@@ -333,22 +397,34 @@ impl Writer {
         }
     }
 
-    /// Counts lost lines and says so on stderr, at most every [`REPORT_EVERY`].
-    fn lost(&mut self, lines: u64, e: &io::Error) {
+    /// Counts lines a failed write lost.
+    fn lost(&mut self, lines: u64, e: io::Error) {
         self.dropped.inc_by(lines);
         self.unreported += lines;
+        self.last_error = Some(e);
+    }
+
+    /// Says on stderr how many lines were lost since the last report (failed writes and a
+    /// full queue), at most every [`REPORT_EVERY`].
+    fn report(&mut self) {
+        self.unreported += self.overflowed.swap(0, Ordering::Relaxed);
+        if self.unreported == 0 {
+            return;
+        }
         let now = Instant::now();
         if self
             .last_report
-            .is_none_or(|last| now.duration_since(last) >= REPORT_EVERY)
+            .is_some_and(|last| now.duration_since(last) < REPORT_EVERY)
         {
-            tracing::error!(
-                lost_lines = self.unreported,
-                "access log write failed, lines lost: {e}"
-            );
-            self.unreported = 0;
-            self.last_report = Some(now);
+            return;
         }
+        let why = match self.last_error.take() {
+            Some(e) => format!("access log write failed, lines lost: {e}"),
+            None => "access log lines lost: the writer fell behind".to_string(),
+        };
+        tracing::error!(lost_lines = self.unreported, "{why}");
+        self.unreported = 0;
+        self.last_report = Some(now);
     }
 }
 
@@ -361,6 +437,8 @@ mod tests {
         data: Vec<u8>,
         room: usize,
         per_write: usize,
+        /// A pipe cannot be cut back.
+        pipe: bool,
     }
 
     impl Sink for FullDisk {
@@ -375,7 +453,7 @@ mod tests {
         }
 
         fn len(&mut self) -> Option<u64> {
-            Some(self.data.len() as u64)
+            (!self.pipe).then_some(self.data.len() as u64)
         }
 
         fn truncate(&mut self, len: u64) -> io::Result<()> {
@@ -403,10 +481,12 @@ mod tests {
                 data: b"{\"old\":0}\n".to_vec(),
                 room: 13,
                 per_write,
+                pipe: false,
             };
-            let (written, error) = write_batch(&mut disk, &bytes, &ends);
-            assert_eq!(written, 1, "per_write {per_write}");
-            assert_eq!(error.unwrap().raw_os_error(), Some(28));
+            let written = write_batch(&mut disk, &bytes, &ends);
+            assert_eq!(written.lines, 1, "per_write {per_write}");
+            assert_eq!(written.error.unwrap().raw_os_error(), Some(28));
+            assert!(written.carry.is_empty(), "rolled back, not carried");
             assert_eq!(
                 disk.data, b"{\"old\":0}\n{\"a\":1}\n",
                 "per_write {per_write}"
@@ -421,9 +501,28 @@ mod tests {
             data: Vec::new(),
             room: 100,
             per_write: 3,
+            pipe: false,
         };
-        let (written, error) = write_batch(&mut disk, &bytes, &ends);
-        assert_eq!((written, error.is_none()), (2, true));
+        let written = write_batch(&mut disk, &bytes, &ends);
+        assert_eq!((written.lines, written.error.is_none()), (2, true));
         assert_eq!(disk.data, b"{}\n{}\n");
+    }
+
+    #[test]
+    fn a_line_cut_short_on_a_pipe_is_completed_next_time() {
+        let (bytes, ends) = batch(&["{\"a\":1}", "{\"b\":22}"]);
+        let mut pipe = FullDisk {
+            data: Vec::new(),
+            room: 12,
+            per_write: 64,
+            pipe: true,
+        };
+        let written = write_batch(&mut pipe, &bytes, &ends);
+        assert_eq!(written.lines, 1);
+        assert_eq!(written.carry, b":22}\n");
+        pipe.room = 100;
+        let written = write_batch(&mut pipe, &written.carry, &[5]);
+        assert_eq!(written.lines, 1);
+        assert_eq!(pipe.data, b"{\"a\":1}\n{\"b\":22}\n");
     }
 }

@@ -221,8 +221,12 @@ impl Pool {
                 return Err(Unavailable::StickyStrict);
             }
         }
-        // Each attempt goes to a backend not tried yet, unless every one has been.
-        let tried = if tried.len() < self.backends.len() {
+        // Each attempt goes to a backend not tried yet, unless every one has been (a resend
+        // on a stale connection may list one twice).
+        let distinct = (0..self.backends.len())
+            .filter(|id| tried.contains(id))
+            .count();
+        let tried = if distinct < self.backends.len() {
             tried
         } else {
             &[]
@@ -337,7 +341,10 @@ impl Pool {
             .state
             .health()
             .on_probe(policy, passed, detail.clone());
-        if passed {
+        if changed == Some(true) {
+            // The checks saw it down and back up: it was restarted or recovered, so an
+            // ejection from while it was down ends now. (A backend that keeps passing its
+            // checks while failing requests stays ejected.)
             self.end_ejection(backend.address, now);
         }
         if let Some(healthy) = changed {

@@ -76,12 +76,16 @@ fn missing_secret(sidecar: &RawSidecar, env: &dyn Fn(&str) -> Option<String>) ->
     if program != "kingdom-api" {
         return None;
     }
-    let name = sidecar
-        .args
+    let args = &sidecar.args;
+    let name = args
         .iter()
-        .position(|a| a == "--secret-env")
-        .and_then(|i| sidecar.args.get(i + 1))
-        .map_or(API_SECRET_ENV, String::as_str);
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--secret-env") {
+            Some("") => args.get(i + 1).map(String::as_str),
+            Some(rest) => rest.strip_prefix('='),
+            None => None,
+        })
+        .unwrap_or(API_SECRET_ENV);
     let value = sidecar.env.get(name).cloned().or_else(|| env(name));
     match value {
         None => Some(format!(
@@ -162,6 +166,7 @@ sidecars:
   - {{ name: api2, command: kingdom-api, addresses: [127.0.0.1:4] }}
   - {{ name: api3, command: kingdom-api, addresses: [127.0.0.1:5], env: {{ KINGDOM_API_SECRET: short }} }}
   - {{ name: api4, command: kingdom-api, addresses: [127.0.0.1:6], args: [--secret-env, OTHER] }}
+  - {{ name: api5, command: kingdom-api, addresses: [127.0.0.1:7], args: [--secret-env=THIRD] }}
 "
         );
         let none = |_: &str| None;
@@ -173,6 +178,7 @@ sidecars:
             "sidecars[1].env: kingdom-api signs tokens with $KINGDOM_API_SECRET",
             "sidecars[2].env: $KINGDOM_API_SECRET must be at least 16 bytes (got 5)",
             "sidecars[3].env: kingdom-api signs tokens with $OTHER",
+            "sidecars[4].env: kingdom-api signs tokens with $THIRD",
         ];
         assert_eq!(found.len(), expect.len(), "{found:#?}");
         for (found, expect) in found.iter().zip(expect) {

@@ -107,6 +107,8 @@ pub struct RequestCtx {
     cut: Option<Cut>,
     /// The next attempt resends on a new connection after a stale pooled one.
     resend: bool,
+    /// The current attempt's upstream answered with a non-5xx header.
+    answered: bool,
     /// When `timeouts.total` runs out, for routes whose pool sets it.
     deadline: Option<Instant>,
     _in_flight: InFlight,
@@ -150,6 +152,44 @@ impl RequestCtx {
         }
     }
 
+    /// Whether an attempt's error is nobody's fault on the upstream side: raised by the proxy
+    /// or the client rather than the upstream, or a timeout that fired only because
+    /// `timeouts.total` ran out (the backend may be healthy, just not fast enough for what
+    /// was left).
+    fn blameless(&self, e: &Error) -> bool {
+        use ErrorType::*;
+        let capped = self.time_left() == Some(Duration::ZERO)
+            && matches!(
+                e.etype(),
+                ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout
+            );
+        e.esource() != &ErrorSource::Upstream || capped
+    }
+
+    /// Records the current attempt's failure `e` unless it is [`Self::blameless`].
+    fn record_fault(&mut self, e: &Error) {
+        if self.blameless(e) {
+            self.abandon_attempt();
+        } else {
+            self.record(outcome(Some(e), 0));
+        }
+    }
+
+    /// What is left of `timeouts.total`, if the pool sets it.
+    fn time_left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether the request is pinned by strict stickiness to a backend that already failed it.
+    fn strict_pin_failed(&self) -> bool {
+        let strict = self
+            .pool()
+            .and_then(|p| p.sticky.as_ref())
+            .is_some_and(|s| s.strict);
+        strict && self.pin.is_some_and(|pin| self.tried.contains(&pin))
+    }
+
     /// Ends the current attempt without an outcome (the backend is not to blame): a claimed
     /// half-open probe is given back.
     fn abandon_attempt(&mut self) {
@@ -171,12 +211,15 @@ impl RequestCtx {
         let Some(pool) = self.route.as_ref().map(|r| r.pool.clone()) else {
             return false;
         };
+        // A strict pin's retry only turns into its 503: it loads no backend.
+        let budgeted = budgeted && !self.strict_pin_failed();
+        let in_time = self.deadline.is_none_or(|d| Instant::now() < d);
+        let attempts_left = self.tried.len() as u32 <= pool.retries.attempts;
         let Some(request) = self.pool_request.as_mut() else {
             return false;
         };
-        let in_time = self.deadline.is_none_or(|d| Instant::now() < d);
         in_time
-            && self.tried.len() as u32 <= pool.retries.attempts
+            && attempts_left
             && (!budgeted || request.try_retry(&pool.retries, pool.backends.len()))
     }
 }
@@ -221,6 +264,7 @@ impl ProxyHttp for EdgeProxy {
             backend_in_flight: None,
             cut: None,
             resend: false,
+            answered: false,
             deadline: None,
             _in_flight: InFlight::new(&self.metrics.in_flight),
         }
@@ -245,6 +289,9 @@ impl ProxyHttp for EdgeProxy {
                 forwarded_host: header_str(req, "x-forwarded-host"),
             };
             ctx.forwarded = Some(forwarded::resolve(&incoming, &ctx.snapshot.server));
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
         }
         if let Err(reason) = check_request(session.req_header()) {
             return reject(ctx, Rejection::BadRequest(reason));
@@ -307,18 +354,22 @@ impl ProxyHttp for EdgeProxy {
         let Some(pool) = ctx.pool().cloned() else {
             return reject(ctx, Rejection::Internal);
         };
-        let left = ctx
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
+        let retry = ctx.attempts();
+        if retry > 0 && !ctx.resend && ctx.strict_pin_failed() {
+            // Strict stickiness: the pinned backend failed this request; no other may serve it.
+            pool.metrics.rejected_sticky_strict.inc();
+            return reject(ctx, Rejection::StickyBackendUnavailable);
+        }
+        if retry > 0 {
+            pool.metrics.retries.inc();
+            let wait = pool.retries.backoff(retry, fastrand::f64());
+            tokio::time::sleep(wait.min(ctx.time_left().unwrap_or(wait))).await;
+        }
+        let left = ctx.time_left();
         if left == Some(Duration::ZERO) {
             return reject(ctx, Rejection::UpstreamTimeout);
         }
         let within = |limit: Duration| left.map_or(limit, |left| limit.min(left));
-        let retry = ctx.attempts();
-        if retry > 0 {
-            pool.metrics.retries.inc();
-            tokio::time::sleep(within(pool.retries.backoff(retry, fastrand::f64()))).await;
-        }
         let key = hash_key(&pool, session.req_header(), ctx.forwarded.as_ref());
         // A pooled connection found closed is no fault of its backend: it may be chosen again.
         let tried = match std::mem::take(&mut ctx.resend) {
@@ -346,6 +397,7 @@ impl ProxyHttp for EdgeProxy {
         ctx.tried.push(choice.id);
         ctx.choice = Some(choice);
         ctx.recorded = false;
+        ctx.answered = false;
         ctx.backend_in_flight = Some(backend.state.start_request());
         let mut peer = HttpPeer::new(backend.address, false, String::new());
         // No single wait may outlast `timeouts.total`; a trickling body is cut off in
@@ -389,7 +441,11 @@ impl ProxyHttp for EdgeProxy {
             Outcome::Timeout => Outcome::Timeout,
             _ => Outcome::ConnectError,
         };
-        ctx.record(failure);
+        if ctx.blameless(&e) {
+            ctx.abandon_attempt();
+        } else {
+            ctx.record(failure);
+        }
         // Nothing reached the upstream: any method may be retried. A refused connection
         // costs the backends nothing, so its retry needs no room in the budget (which is
         // there to keep retries from multiplying the load on struggling backends).
@@ -409,7 +465,12 @@ impl ProxyHttp for EdgeProxy {
             return Ok(());
         }
         let status = response.status.as_u16();
-        ctx.record(outcome(None, status));
+        if status >= 500 {
+            ctx.record(outcome(None, status));
+        } else {
+            // A success only once the body is complete too: see `logging`.
+            ctx.answered = true;
+        }
         if matches!(status, 502..=504) && replayable(session) && ctx.may_retry() {
             ctx.retrying_status = true;
             let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying an upstream 5xx");
@@ -442,12 +503,20 @@ impl ProxyHttp for EdgeProxy {
             // Part of this attempt's response is already with the client: another attempt
             // would splice a second response onto it.
             ctx.cut = Some(Cut::UpstreamTruncated);
-            ctx.record(outcome(Some(&e), 0));
+            ctx.record_fault(&e);
+            e.set_retry(false);
+            return e;
+        }
+        if ctx.blameless(&e) {
+            // Our own rejection (a body over `max_body`), a bad request body, or the total
+            // deadline: the same would happen on any backend, and none is at fault.
+            ctx.abandon_attempt();
             e.set_retry(false);
             return e;
         }
         let stale = client_reused && matches!(e.retry, RetryType::ReusedOnly);
         let retry = if stale {
+            // (Not blameless: a stale connection is the one case retried outside the rules.)
             // A pooled keep-alive connection the upstream had already closed: not the
             // backend's fault, and safe to resend on a new connection, outside the budget
             // but within one attempt more than the policy's.
@@ -520,6 +589,9 @@ impl ProxyHttp for EdgeProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if errors::client_gone(e) {
+            ctx.cut = Some(Cut::ClientAborted);
+        }
         if session.response_written().is_some() {
             // Too late for an error response: make sure the client cannot take what it got
             // for a complete response.
@@ -529,9 +601,6 @@ impl ProxyHttp for EdgeProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
             };
-        }
-        if errors::client_gone(e) {
-            ctx.cut = Some(Cut::ClientAborted);
         }
         let rejection = ctx.rejection.or_else(|| Rejection::from_error(e));
         ctx.rejection = rejection;
@@ -573,12 +642,14 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        // An attempt that never got an outcome: the upstream broke mid-response, or the
-        // client left first (then a half-open probe must not stay claimed).
+        // The last attempt's outcome, if nothing recorded it yet: a success once the whole
+        // response went through, the upstream's failure, or none (the client left, or the
+        // attempt was blameless; a claimed half-open probe is then given back).
         if ctx.choice.is_some() && !ctx.recorded {
             match e {
-                Some(e) if e.esource() == &ErrorSource::Upstream => ctx.record(outcome(Some(e), 0)),
-                _ => ctx.abandon_attempt(),
+                Some(e) => ctx.record_fault(e),
+                None if ctx.answered && ctx.cut.is_none() => ctx.record(Outcome::Ok),
+                None => ctx.abandon_attempt(),
             }
         }
         ctx.backend_in_flight = None;

@@ -47,7 +47,11 @@ impl RetryBudget {
     /// given `active` requests in progress over `backends` backends. Each success needs a
     /// [`Self::release`].
     pub fn try_acquire(&self, policy: &RetryPolicy, active: u64, backends: usize) -> bool {
-        let one_backends_share = active.div_ceil((backends as u64).max(1));
+        // A single backend has no other to retry on: its share would be everything.
+        let one_backends_share = match backends {
+            0 | 1 => 0,
+            n => active.div_ceil(n as u64),
+        };
         let allowed = (active * u64::from(policy.budget_percent) / 100)
             .max(u64::from(policy.min_concurrency))
             .max(one_backends_share);
@@ -124,5 +128,9 @@ mod tests {
         budget.release(34);
         let granted = (0..50).filter(|_| budget.try_acquire(&p, 12, 3)).count();
         assert_eq!(granted, 4);
+        budget.release(4);
+        // One backend: only the percentage and the floor.
+        let granted = (0..50).filter(|_| budget.try_acquire(&p, 100, 1)).count();
+        assert_eq!(granted, 20);
     }
 }

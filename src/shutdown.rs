@@ -54,6 +54,7 @@ impl ShutdownSignalWatch for Signals {
                 tokio::select! {
                     _ = tokio::time::sleep(self.delay) => ShutdownSignal::GracefulTerminate,
                     _ = next(&mut interrupt) => ShutdownSignal::FastShutdown,
+                    _ = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
                 }
             }
         }

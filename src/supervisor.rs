@@ -116,9 +116,10 @@ impl Supervisor {
                     break;
                 }
             }
+            let restarted = !first;
             first = false;
             let started = Instant::now();
-            match self.run_once(&process, !first).await {
+            match self.run_once(&process, restarted).await {
                 Ok(status) if self.stopping.load(Ordering::Acquire) => {
                     tracing::info!(sidecar = %name, address = %process.address, %status, "sidecar stopped")
                 }

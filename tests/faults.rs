@@ -102,6 +102,17 @@ async fn assert_truncated_not_spliced(framing: Framing) {
         common::metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
         0.0
     );
+    // The backend that broke off is blamed for it, though its header looked fine.
+    let failures: f64 = [a, b]
+        .iter()
+        .map(|backend| {
+            let series = format!(
+                r#"kingdom_edge_upstream_requests_total{{backend="{backend}",outcome="error",pool="app"}}"#
+            );
+            common::metric(&metrics, &series)
+        })
+        .sum();
+    assert_eq!(failures, 1.0, "{metrics}");
 }
 
 #[tokio::test]
@@ -294,4 +305,56 @@ async fn a_write_timeout_ends_the_exchange_without_waiting_for_the_read_timeout(
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     upload.abort();
+}
+
+#[tokio::test]
+async fn bodies_over_max_body_never_count_against_a_backend() {
+    let a = common::toggle_upstream("a").await;
+    let b = common::toggle_upstream("b").await;
+    let p = free_ports(2);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+pools:
+  app:
+    backends: [{{ address: {} }}, {{ address: {} }}]
+    outlier: {{ consecutive_failures: 1, base_ejection: 5m }}
+routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app, max_body: 1KiB }}]
+"#,
+        p[0], p[1], a.addr, b.addr
+    );
+    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let http = common::client();
+    for _ in 0..4 {
+        // Chunked, so the limit is found only while the body streams to an upstream.
+        let chunks = futures::stream::iter(
+            (0..8).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 512]))),
+        );
+        let response = http
+            .put(edge.url("/ok"))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await;
+        if let Ok(response) = response {
+            assert_eq!(response.status(), 413);
+        }
+    }
+    let status = edge.status().await;
+    for backend in status["pools"][0]["backends"].as_array().unwrap() {
+        assert_eq!(backend["breaker"], "closed", "{status}");
+    }
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        common::metric(&metrics, r#"kingdom_edge_retries_total{pool="app"}"#),
+        0.0
+    );
+    assert_eq!(
+        common::metric(
+            &metrics,
+            r#"kingdom_edge_requests_total{code="413",route="app"}"#
+        ),
+        4.0,
+        "{metrics}"
+    );
 }

@@ -365,14 +365,14 @@ async fn health_checks_gate_traffic_and_show_in_status_and_metrics() {
 }
 
 #[tokio::test]
-async fn a_passing_health_check_ends_an_ejection_early() {
+async fn health_checks_seeing_a_backend_back_up_end_its_ejection_early() {
     let good = common::toggle_upstream("good").await;
     let flaky = common::toggle_upstream("flaky").await;
     let edge = common::edge_for_pool(
         &[good.addr, flaky.addr],
         &[
             "outlier: { consecutive_failures: 2, base_ejection: 5m }",
-            "health_check: { path: /healthz, interval: 100ms, rise: 1, fall: 100 }",
+            "health_check: { path: /healthz, interval: 100ms, rise: 1, fall: 1 }",
         ],
     )
     .await;
@@ -391,19 +391,21 @@ async fn a_passing_health_check_ends_an_ejection_early() {
     })
     .await;
 
-    // Its requests fail (the probes too, but `fall: 100` keeps it healthy meanwhile).
+    // It goes down: requests fail until it is ejected, and its checks fail too.
     flaky.failing.store(true, Ordering::SeqCst);
-    wait_for("the flaky backend to be ejected", || {
+    wait_for("the flaky backend to be ejected and unhealthy", || {
         let (request, status) = (http.get(edge.url("/ok")).send(), edge.status());
         let label = flaky_label.clone();
         async move {
             let _ = request.await;
-            (backend(&status.await, "app", &label)["breaker"] == "open").then_some(())
+            let status = status.await;
+            let b = backend(&status, "app", &label);
+            (b["breaker"] == "open" && b["healthy"] == false).then_some(())
         }
     })
     .await;
 
-    // It recovers: the next passing probe ends the five-minute ejection.
+    // It recovers: the checks see it back up, which ends the five-minute ejection.
     flaky.failing.store(false, Ordering::SeqCst);
     wait_served_by(&edge, "flaky").await;
     let status = edge.status().await;
