@@ -391,22 +391,31 @@ async fn health_checks_seeing_a_backend_back_up_end_its_ejection_early() {
     })
     .await;
 
-    // It goes down: requests fail until it is ejected, and its checks fail too.
-    flaky.failing.store(true, Ordering::SeqCst);
-    wait_for("the flaky backend to be ejected and unhealthy", || {
+    // Its requests fail until it is ejected, while its checks still pass.
+    flaky.failing_requests.store(true, Ordering::SeqCst);
+    wait_for("the flaky backend to be ejected", || {
         let (request, status) = (http.get(edge.url("/ok")).send(), edge.status());
         let label = flaky_label.clone();
         async move {
             let _ = request.await;
-            let status = status.await;
-            let b = backend(&status, "app", &label);
-            (b["breaker"] == "open" && b["healthy"] == false).then_some(())
+            (backend(&status.await, "app", &label)["breaker"] == "open").then_some(())
         }
     })
     .await;
-
-    // It recovers: the checks see it back up, which ends the five-minute ejection.
+    // Passing checks alone do not end the ejection; the checks seeing it down and back up do.
+    flaky.failing.store(true, Ordering::SeqCst);
+    wait_for("the flaky backend to be unhealthy", || {
+        let status = edge.status();
+        let label = flaky_label.clone();
+        async move { (backend(&status.await, "app", &label)["healthy"] == false).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        backend(&edge.status().await, "app", &flaky_label)["breaker"],
+        "open"
+    );
     flaky.failing.store(false, Ordering::SeqCst);
+    flaky.failing_requests.store(false, Ordering::SeqCst);
     wait_served_by(&edge, "flaky").await;
     let status = edge.status().await;
     assert_eq!(backend(&status, "app", &flaky_label)["breaker"], "closed");

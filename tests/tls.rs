@@ -208,7 +208,11 @@ routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
         .build()
         .unwrap();
     let url = format!("https://edge.test:{}/ok", p[0]);
-    let first = client.get(&url).send().await.unwrap();
+    let first = common::wait_for("the TLS listener to answer", || {
+        let request = client.get(&url).send();
+        async move { request.await.ok() }
+    })
+    .await;
     let set = first.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(set.ends_with("; Secure"), "{set}");
     let cookie = set.split(';').next().unwrap().to_string();

@@ -339,6 +339,8 @@ pub struct Toggle {
     pub addr: SocketAddr,
     /// While true, every answer is 503.
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// While true, requests other than `/healthz` are answered 503.
+    pub failing_requests: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Requests received.
     pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Each answer waits this many milliseconds first.
@@ -367,6 +369,7 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
     let failing = Arc::new(AtomicBool::new(false));
+    let failing_requests = Arc::new(AtomicBool::new(false));
     let hits = Arc::new(AtomicUsize::new(0));
     let delay_ms = Arc::new(AtomicU64::new(0));
     let gate = Arc::new(tokio::sync::watch::Sender::new(true));
@@ -376,8 +379,10 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
         delay_ms.clone(),
         gate.clone(),
     );
-    let answer = move || {
+    let fr = failing_requests.clone();
+    let answer = move |uri: axum::http::Uri| {
         let (f, h, d) = (f.clone(), h.clone(), d.clone());
+        let requests_fail = fr.load(Ordering::SeqCst) && uri.path() != "/healthz";
         let mut open = g.subscribe();
         async move {
             h.fetch_add(1, Ordering::SeqCst);
@@ -386,7 +391,7 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
-            let status = if f.load(Ordering::SeqCst) {
+            let status = if f.load(Ordering::SeqCst) || requests_fail {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
                 StatusCode::OK
@@ -405,6 +410,7 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
     Toggle {
         addr,
         failing,
+        failing_requests,
         hits,
         delay_ms,
         gate,
