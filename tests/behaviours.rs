@@ -81,6 +81,19 @@ async fn health_checks_honour_kind_statuses_rise_and_fall() {
     .await;
     wait_healthy(&lenient, 1, true).await;
 
+    // `host` sets the probe's Host header.
+    let hosted = common::edge_for_pool(
+        &[up.addr],
+        &["health_check: { path: /healthz, interval: 100ms, host: health.internal, expected_statuses: [\"5xx\"] }"],
+    )
+    .await;
+    wait_healthy(&hosted, 1, true).await;
+    assert_eq!(
+        up.health_host.lock().unwrap().as_deref(),
+        Some("health.internal")
+    );
+    drop(hosted);
+
     // Default statuses, rise 2 / fall 2: fails, then recovers.
     up.failing.store(false, Ordering::SeqCst);
     let strict = common::edge_for_pool(
@@ -304,4 +317,47 @@ async fn least_connections_steers_away_from_a_backend_holding_a_request() {
     for request in held {
         assert_eq!(request.await.unwrap().unwrap().status(), 200);
     }
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_after_timeouts_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A keep-alive upstream that counts the connections closed on it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut served = false;
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            served = true;
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(answer).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Readiness probes connect and leave without a request: not counted.
+                if served {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let edge = common::edge_for_pool(&[upstream], &["timeouts: { idle: 200ms }"]).await;
+    let response = client().get(edge.url("/x")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The pooled connection is closed by the proxy once idle (the default would be 60 s).
+    wait_for("the idle upstream connection to be closed", || {
+        std::future::ready((closed.load(Ordering::SeqCst) >= 1).then_some(()))
+    })
+    .await;
 }

@@ -345,6 +345,8 @@ pub struct Toggle {
     pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Each answer waits this many milliseconds first.
     pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The `Host` of the last `/healthz` request.
+    pub health_host: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     /// While closed, answers wait (requests are still counted as they arrive).
     pub gate: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -380,9 +382,15 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
         gate.clone(),
     );
     let fr = failing_requests.clone();
-    let answer = move |uri: axum::http::Uri| {
+    let health_host = Arc::new(std::sync::Mutex::new(None));
+    let hh = health_host.clone();
+    let answer = move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
         let (f, h, d) = (f.clone(), h.clone(), d.clone());
         let requests_fail = fr.load(Ordering::SeqCst) && uri.path() != "/healthz";
+        if uri.path() == "/healthz" {
+            let host = headers.get("host").and_then(|v| v.to_str().ok());
+            *hh.lock().unwrap() = host.map(str::to_string);
+        }
         let mut open = g.subscribe();
         async move {
             h.fetch_add(1, Ordering::SeqCst);
@@ -411,6 +419,7 @@ pub async fn toggle_upstream(name: &'static str) -> Toggle {
         addr,
         failing,
         failing_requests,
+        health_host,
         hits,
         delay_ms,
         gate,
