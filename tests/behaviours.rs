@@ -80,6 +80,8 @@ async fn health_checks_honour_kind_statuses_rise_and_fall() {
     )
     .await;
     wait_healthy(&lenient, 1, true).await;
+    // Their probes stop: only the next proxy's reach the upstream from here on.
+    drop((tcp, lenient));
 
     // `host` sets the probe's Host header.
     let hosted = common::edge_for_pool(
@@ -101,7 +103,6 @@ async fn health_checks_honour_kind_statuses_rise_and_fall() {
         &["health_check: { path: /healthz, interval: 100ms, rise: 2, fall: 2 }"],
     )
     .await;
-    drop((tcp, lenient));
     wait_healthy(&strict, 1, true).await;
     up.failing.store(true, Ordering::SeqCst);
     wait_healthy(&strict, 1, false).await;
