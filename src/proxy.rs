@@ -538,9 +538,13 @@ impl ProxyHttp for EdgeProxy {
         &self,
         _session: &mut Session,
         _body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        if end_of_stream && ctx.answered {
+            // The whole response came in: a success, recorded before its last bytes go out.
+            ctx.record(Outcome::Ok);
+        }
         match ctx.deadline {
             Some(deadline) if Instant::now() >= deadline => {
                 let mut e = Error::explain(ErrorType::ReadTimedout, "timeouts.total reached");

@@ -22,6 +22,17 @@ fn backend<'a>(status: &'a Value, pool: &str, address: &str) -> &'a Value {
         .unwrap()
 }
 
+/// Sends `GET /ok` until the upstream named `name` answers one, then waits for the outcome
+/// of that request (recorded once its response is complete) to close the breaker.
+async fn wait_readmitted(edge: &common::Edge, name: &str, address: &str) {
+    wait_served_by(edge, name).await;
+    wait_for(&format!("{name}'s breaker to close"), || {
+        let status = edge.status();
+        async move { (backend(&status.await, "app", address)["breaker"] == "closed").then_some(()) }
+    })
+    .await;
+}
+
 /// Sends `GET /ok` until the upstream named `name` answers one.
 async fn wait_served_by(edge: &common::Edge, name: &str) {
     let http = client();
@@ -140,9 +151,7 @@ async fn a_failing_backend_is_ejected_then_readmitted_through_half_open() {
     // Recovered: after the ejection, one probe gets through, succeeds, and it is back.
     flaky.failing.store(false, Ordering::SeqCst);
     let flaky_label = flaky.addr.to_string();
-    wait_served_by(&edge, "flaky").await;
-    let status = edge.status().await;
-    assert_eq!(backend(&status, "app", &flaky_label)["breaker"], "closed");
+    wait_readmitted(&edge, "flaky", &flaky_label).await;
 }
 
 #[tokio::test]
@@ -416,9 +425,7 @@ async fn health_checks_seeing_a_backend_back_up_end_its_ejection_early() {
     );
     flaky.failing.store(false, Ordering::SeqCst);
     flaky.failing_requests.store(false, Ordering::SeqCst);
-    wait_served_by(&edge, "flaky").await;
-    let status = edge.status().await;
-    assert_eq!(backend(&status, "app", &flaky_label)["breaker"], "closed");
+    wait_readmitted(&edge, "flaky", &flaky_label).await;
 }
 
 #[tokio::test]

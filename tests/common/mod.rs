@@ -32,15 +32,29 @@ pub async fn get_json(url: &str) -> serde_json::Value {
         .unwrap()
 }
 
-/// `n` distinct free loopback ports.
+/// `n` distinct free loopback ports, for configs that name their ports. They are taken below
+/// the kernel's ephemeral range, so no outgoing connection (of any test) can take one between
+/// this check and the proxy binding it, and never handed out twice in one test process.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let mut handed = HANDED_OUT.lock().unwrap();
+    let handed = handed.get_or_insert_with(HashSet::new);
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let port = fastrand::u16(low..high);
+        if !handed.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.insert(port);
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// Polls `check` until it returns `Some`, or panics after [`DEADLINE`] naming `what`.
