@@ -576,8 +576,10 @@ impl ProxyHttp for EdgeProxy {
                 let stale = ctx.pin_expires.is_none_or(|e| sticky.needs_refresh(e, now));
                 // A cookie on an error or on a response shared caches may store would pin
                 // other clients, or pin to a backend that failed.
-                let pinnable = response.status.as_u16() < 400 && !shared_cacheable(response);
-                if (changed || stale) && pinnable {
+                // (Checked only when a cookie is due, which most responses of a pinned session
+                // are not.)
+                let pinnable = || response.status.as_u16() < 400 && !shared_cacheable(response);
+                if (changed || stale) && pinnable() {
                     let value = sticky.encode(&backend.label, now);
                     let cookie = sticky.set_cookie(&value, self.tls);
                     response.append_header(header::SET_COOKIE, cookie)?;
@@ -631,9 +633,9 @@ impl ProxyHttp for EdgeProxy {
             _ => Rejection::BadRequest("the request is malformed"),
         };
         let request_id = request_id::choose(None);
-        let header =
-            error_header(rejection, &request_id, rejection.body(&request_id).len()).ok()?;
-        Some((header, rejection.body(&request_id)))
+        let body = rejection.body(&request_id);
+        let header = error_header(rejection, &request_id, body.len()).ok()?;
+        Some((header, body))
     }
 
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
@@ -711,14 +713,8 @@ fn shared_cacheable(response: &ResponseHeader) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|d| {
-            d.trim()
-                .split('=')
-                .next()
-                .unwrap_or("")
-                .to_ascii_lowercase()
-        })
-        .any(|d| d == "public" || d == "s-maxage")
+        .map(|d| d.split('=').next().unwrap_or("").trim())
+        .any(|d| d.eq_ignore_ascii_case("public") || d.eq_ignore_ascii_case("s-maxage"))
 }
 
 /// nginx's status for a request whose client closed the connection before the answer.
