@@ -94,14 +94,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl LiveState {
     /// The state of `address` in `pool`, created on first use. A backend of a pool with
-    /// health checks starts unhealthy; one without starts healthy and available now.
+    /// health checks starts unhealthy; one without starts healthy. Either starts at full
+    /// weight: slow start is for a backend that was seen down and came back.
     pub fn backend(
         &self,
         pool: &str,
         address: SocketAddr,
         checked: bool,
         metrics: &Metrics,
-        now: Instant,
     ) -> Arc<BackendState> {
         let label = address.to_string();
         lock(&self.backends)
@@ -110,7 +110,7 @@ impl LiveState {
                 let health = Health::new(checked);
                 let state = BackendState {
                     in_flight: AtomicU64::new(0),
-                    available_since: Mutex::new(health.healthy.then_some(now)),
+                    available_since: Mutex::new(None),
                     health: Mutex::new(health),
                     breaker: Mutex::new(Breaker::default()),
                     healthy_gauge: metrics.backend_healthy(pool, &label),
@@ -142,7 +142,7 @@ impl BackendState {
         lock(&self.breaker)
     }
 
-    /// When it last became available, for slow start.
+    /// When it last came back after being unavailable, for slow start (`None`: full weight).
     pub fn available_since(&self) -> Option<Instant> {
         *lock(&self.available_since)
     }
@@ -176,16 +176,15 @@ mod tests {
     fn state_is_shared_by_key_and_counts_in_flight() {
         let live = LiveState::default();
         let metrics = Metrics::new();
-        let now = Instant::now();
         let addr: SocketAddr = "127.0.0.1:9101".parse().unwrap();
-        let a = live.backend("content", addr, true, &metrics, now);
-        let b = live.backend("content", addr, false, &metrics, now);
+        let a = live.backend("content", addr, true, &metrics);
+        let b = live.backend("content", addr, false, &metrics);
         assert!(Arc::ptr_eq(&a, &b), "same pool/address, same state");
         assert!(!a.health().healthy, "checked backends start unhealthy");
         assert_eq!(a.available_since(), None);
-        let other = live.backend("api", addr, false, &metrics, now);
+        let other = live.backend("api", addr, false, &metrics);
         assert!(!Arc::ptr_eq(&a, &other));
-        assert_eq!(other.available_since(), Some(now));
+        assert_eq!(other.available_since(), None, "no ramp at start");
 
         let pool = live.pool("content");
         let first = pool.start(Some(2)).unwrap();

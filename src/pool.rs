@@ -337,10 +337,11 @@ impl Pool {
         let (Some(backend), Some(policy)) = (self.backends.get(id), &self.health) else {
             return;
         };
-        let changed = backend
-            .state
-            .health()
-            .on_probe(policy, passed, detail.clone());
+        let (changed, first_pass) = {
+            let mut health = backend.state.health();
+            let first_pass = passed && !health.ever_passed;
+            (health.on_probe(policy, passed, detail.clone()), first_pass)
+        };
         if changed == Some(true) {
             // The checks saw it down and back up: it was restarted or recovered, so an
             // ejection from while it was down ends now. (A backend that keeps passing its
@@ -349,7 +350,10 @@ impl Pool {
         }
         if let Some(healthy) = changed {
             backend.state.healthy_gauge.set(i64::from(healthy));
-            backend.state.set_available(healthy, now);
+            // The first pass admits a backend at full weight: it was never seen down.
+            if !first_pass {
+                backend.state.set_available(healthy, now);
+            }
             if healthy {
                 tracing::info!(pool = %self.name, backend = %backend.label, %detail, "backend healthy");
             } else {
@@ -409,9 +413,7 @@ pub fn compile(
         let label = address.to_string();
         backends.push(Backend {
             metrics: cx.metrics.backend(name, &label),
-            state: cx
-                .live
-                .backend(name, address, health.is_some(), cx.metrics, cx.now),
+            state: cx.live.backend(name, address, health.is_some(), cx.metrics),
             address,
             label,
             weight,

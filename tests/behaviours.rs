@@ -1,5 +1,6 @@
 //! Documented behaviours end to end, one test each: panic modes, health-check kinds and
-//! statuses, the ejection cap, retries turned off, consistent hashing, and stop timeouts.
+//! statuses, the ejection cap, retries turned off, consistent hashing, slow start with each
+//! balancer, and stop timeouts.
 
 mod common;
 
@@ -361,4 +362,66 @@ async fn idle_upstream_connections_are_closed_after_timeouts_idle() {
         std::future::ready((closed.load(Ordering::SeqCst) >= 1).then_some(()))
     })
     .await;
+}
+
+/// Takes backend `b` of a two-backend pool down and back up through its health checks, then
+/// sends `count` requests one at a time (each with its own `x-user`) and returns how many
+/// `b` answered.
+async fn share_after_recovery(balance: &str, slow_start: Option<&str>, count: usize) -> usize {
+    let a = common::toggle_upstream("a").await;
+    let b = common::toggle_upstream("b").await;
+    let balance = format!("balance: {balance}");
+    let ramp = slow_start.map(|d| format!("slow_start: {d}"));
+    let mut extra = vec![
+        balance.as_str(),
+        "health_check: { path: /healthz, interval: 100ms, rise: 1, fall: 1 }",
+    ];
+    extra.extend(ramp.as_deref());
+    if balance.ends_with("consistent_hash") {
+        extra.push("hash_key: { header: x-user }");
+    }
+    let edge = common::edge_for_pool(&[a.addr, b.addr], &extra).await;
+    wait_healthy(&edge, 2, true).await;
+    b.failing.store(true, Ordering::SeqCst);
+    wait_healthy(&edge, 1, false).await;
+    b.failing.store(false, Ordering::SeqCst);
+    wait_healthy(&edge, 2, true).await;
+    let http = client();
+    let mut from_b = 0;
+    for user in 0..count {
+        let response = http
+            .get(edge.url("/ok"))
+            .header("x-user", format!("user-{user}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        from_b += usize::from(response.headers()["x-upstream"] == "b");
+    }
+    from_b
+}
+
+#[tokio::test]
+async fn slow_start_ramps_a_recovered_backend_with_every_balancer() {
+    // With a 10-minute window the recovered backend stays near its initial 10% of the weight
+    // for the whole test: about 9% of the requests (a full share is 50%). It must get some,
+    // or least connections' starvation is back, and well under half, or the ramp is ignored.
+    const COUNT: usize = 400;
+    for balance in [
+        "weighted_round_robin",
+        "least_connections",
+        "consistent_hash",
+    ] {
+        let ramped = share_after_recovery(balance, Some("10m"), COUNT).await;
+        assert!(
+            (1..=COUNT / 4).contains(&ramped),
+            "{balance}: the recovering backend answered {ramped} of {COUNT}"
+        );
+        // The control: without slow start the same recovery gets a full share at once.
+        let full = share_after_recovery(balance, None, COUNT).await;
+        assert!(
+            full > COUNT / 3,
+            "{balance}: without slow start it answered only {full} of {COUNT}"
+        );
+    }
 }

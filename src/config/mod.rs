@@ -11,7 +11,6 @@ pub mod units;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Instant;
 
 use crate::live::LiveState;
 use crate::metrics::Metrics;
@@ -29,8 +28,6 @@ pub struct CompileContext<'a> {
     pub live: &'a LiveState,
     /// Looks up an environment variable.
     pub env: &'a dyn Fn(&str) -> Option<String>,
-    /// When the snapshot is built.
-    pub now: Instant,
 }
 
 /// Reads the process environment.
@@ -39,13 +36,12 @@ pub fn process_env(name: &str) -> Option<String> {
 }
 
 impl<'a> CompileContext<'a> {
-    /// A context on the process environment, now.
+    /// A context on the process environment.
     pub fn new(metrics: &'a Metrics, live: &'a LiveState) -> Self {
         Self {
             metrics,
             live,
             env: &process_env,
-            now: Instant::now(),
         }
     }
 }

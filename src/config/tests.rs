@@ -14,7 +14,6 @@ fn compile_text(text: &str) -> Result<Snapshot, Vec<ConfigError>> {
         metrics: &metrics,
         live: &live,
         env: &env,
-        now: Instant::now(),
     };
     parse(text, &cx)
 }

@@ -23,7 +23,6 @@ fn pool(yaml: &str) -> Fixture {
         metrics: &metrics,
         live: &live,
         env: &env,
-        now: t0,
     };
     let mut errors = Errors::default();
     let pool = compile("p", &raw.pools["p"], "pools.p", &cx, &mut errors);
@@ -169,7 +168,7 @@ fn slow_start_ramps_a_readmitted_backend() {
     let f = pool(&format!(
         "{THREE}\n    slow_start: 30s\n    outlier: {{ consecutive_failures: 1 }}"
     ));
-    // All three started at t0; after 30s they are at full weight.
+    // Backends known from the start have full weight; one that comes back ramps.
     let t1 = f.t0 + Duration::from_secs(30);
     f.pool.record(0, t1, Outcome::ConnectError);
     let t2 = t1 + Duration::from_secs(10);
@@ -245,7 +244,6 @@ fn policy_errors_name_their_path() {
             metrics: &metrics,
             live: &live,
             env: &env,
-            now: Instant::now(),
         };
         let mut errors = Errors::default();
         assert!(
@@ -254,4 +252,19 @@ fn policy_errors_name_their_path() {
         );
         assert_eq!(errors.rendered(), [want], "{extra}");
     }
+}
+
+#[test]
+fn slow_start_ramps_a_backend_its_checks_saw_recover() {
+    let f = pool(&format!(
+        "{THREE}\n    slow_start: 10m\n    health_check: {{ path: /healthz, rise: 1, fall: 1 }}"
+    ));
+    let t1 = f.t0 + Duration::from_secs(600);
+    for id in 0..3 {
+        f.pool.record_probe(id, t1, true, "200".into());
+    }
+    f.pool.record_probe(0, t1, false, "503".into());
+    f.pool.record_probe(0, t1, true, "200".into());
+    let share = picks(&f, t1, 210).iter().filter(|id| **id == 0).count();
+    assert!((5..=15).contains(&share), "{share} of 210");
 }
