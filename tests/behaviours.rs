@@ -159,6 +159,21 @@ async fn retries_off_sends_each_request_once() {
     );
 }
 
+/// Sends `GET /ok` as `x-user: user-<user>`; returns the name of the upstream that answered.
+async fn answered_by(http: &reqwest::Client, edge: &Edge, user: usize) -> String {
+    let response = http
+        .get(edge.url("/ok"))
+        .header("x-user", format!("user-{user}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.headers()["x-upstream"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 #[tokio::test]
 async fn consistent_hashing_keeps_keys_and_moves_only_a_dead_owners_keys_and_back() {
     let upstreams = [
@@ -181,18 +196,7 @@ async fn consistent_hashing_keeps_keys_and_moves_only_a_dead_owners_keys_and_bac
     let owners = || async {
         let mut owners = Vec::new();
         for user in 0..30 {
-            let response = http
-                .get(edge.url("/ok"))
-                .header("x-user", format!("user-{user}"))
-                .send()
-                .await
-                .unwrap();
-            owners.push(
-                response.headers()["x-upstream"]
-                    .to_str()
-                    .unwrap()
-                    .to_string(),
-            );
+            owners.push(answered_by(&http, &edge, user).await);
         }
         owners
     };
@@ -389,14 +393,7 @@ async fn share_after_recovery(balance: &str, slow_start: Option<&str>, count: us
     let http = client();
     let mut from_b = 0;
     for user in 0..count {
-        let response = http
-            .get(edge.url("/ok"))
-            .header("x-user", format!("user-{user}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        from_b += usize::from(response.headers()["x-upstream"] == "b");
+        from_b += usize::from(answered_by(&http, &edge, user).await == "b");
     }
     from_b
 }
