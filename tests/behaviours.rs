@@ -1,6 +1,6 @@
 //! Documented behaviours end to end, one test each: panic modes, health-check kinds and
 //! statuses, the ejection cap, retries turned off, consistent hashing, slow start with each
-//! balancer, and stop timeouts.
+//! balancer, connect timeouts, backoff, and stop timeouts.
 
 mod common;
 
@@ -421,4 +421,67 @@ async fn slow_start_ramps_a_recovered_backend_with_every_balancer() {
             "{balance}: without slow start it answered only {full} of {COUNT}"
         );
     }
+}
+
+/// A listener whose accept queue is full: connections to it are never established (the
+/// kernel drops their SYNs), so a connect hangs until the connector gives up.
+async fn blackhole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    use std::time::Duration;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(common::addr(0)).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let address = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let connect = tokio::net::TcpStream::connect(address);
+        match tokio::time::timeout(Duration::from_millis(300), connect).await {
+            Ok(stream) => queued.push(stream.unwrap()),
+            Err(_) => return (listener, queued),
+        }
+        assert!(queued.len() < 16, "the accept queue never filled");
+    }
+}
+
+#[tokio::test]
+async fn a_connect_timeout_answers_504_and_counts_a_timeout() {
+    let (hole, _queued) = blackhole().await;
+    let address = hole.local_addr().unwrap();
+    let (yaml, proxy, admin) = common::pool_config(
+        &[address],
+        &["timeouts: { connect: 200ms }", "retries: { attempts: 0 }"],
+    );
+    let edge = Edge::start(&yaml, proxy, admin).await;
+    let response = client().get(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_timeout");
+    let series = format!(
+        "kingdom_edge_upstream_requests_total{{backend=\"{address}\",outcome=\"timeout\",pool=\"app\"}}"
+    );
+    assert_eq!(common::metric(&edge.metrics().await, &series), 1.0);
+}
+
+#[tokio::test]
+async fn a_retry_waits_out_its_backoff_and_no_wait_outlasts_timeouts_total() {
+    // A backoff drawn from [0, 1000h) is longer than the 1s total with near certainty
+    // (one chance in 3.6 million otherwise): the first attempt's 503 is followed by a wait
+    // the deadline cuts short, and no second attempt.
+    let up = common::toggle_upstream("up").await;
+    up.failing.store(true, Ordering::SeqCst);
+    let edge = common::edge_for_pool(
+        &[up.addr],
+        &[
+            "retries: { attempts: 2, backoff: { base: 1000h, max: 1000h } }",
+            "timeouts: { total: 1s }",
+        ],
+    )
+    .await;
+    let before = up.hits.load(Ordering::SeqCst);
+    let response = client().get(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(up.hits.load(Ordering::SeqCst) - before, 1, "one attempt");
+    let retries = "kingdom_edge_retries_total{pool=\"app\"}";
+    assert_eq!(common::metric(&edge.metrics().await, retries), 1.0);
 }
