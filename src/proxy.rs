@@ -369,7 +369,6 @@ impl ProxyHttp for EdgeProxy {
         if left == Some(Duration::ZERO) {
             return reject(ctx, Rejection::UpstreamTimeout);
         }
-        let within = |limit: Duration| left.map_or(limit, |left| limit.min(left));
         let key = hash_key(&pool, session.req_header(), ctx.forwarded.as_ref());
         // A pooled connection found closed is no fault of its backend: it may be chosen again.
         let tried = match std::mem::take(&mut ctx.resend) {
@@ -400,12 +399,12 @@ impl ProxyHttp for EdgeProxy {
         ctx.answered = false;
         ctx.backend_in_flight = Some(backend.state.start_request());
         let mut peer = HttpPeer::new(backend.address, false, String::new());
-        // No single wait may outlast `timeouts.total`; a trickling body is cut off in
-        // `upstream_response_body_filter`.
+        // `timeouts.total` caps the connect here, and the exchange after it through
+        // `upstream_deadline`, however the upstream spaces its bytes.
         let t = pool.timeouts;
-        peer.options.connection_timeout = Some(within(t.connect));
-        peer.options.read_timeout = Some(within(t.read));
-        peer.options.write_timeout = Some(within(t.write));
+        peer.options.connection_timeout = Some(left.map_or(t.connect, |left| t.connect.min(left)));
+        peer.options.read_timeout = Some(t.read);
+        peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
         Ok(Box::new(peer))
     }
@@ -545,14 +544,7 @@ impl ProxyHttp for EdgeProxy {
             // The whole response came in: a success, recorded before its last bytes go out.
             ctx.record(Outcome::Ok);
         }
-        match ctx.deadline {
-            Some(deadline) if Instant::now() >= deadline => {
-                let mut e = Error::explain(ErrorType::ReadTimedout, "timeouts.total reached");
-                e.as_up();
-                Err(e)
-            }
-            _ => Ok(None),
-        }
+        Ok(None)
     }
 
     async fn response_filter(
@@ -624,6 +616,10 @@ impl ProxyHttp for EdgeProxy {
             error_code,
             can_reuse_downstream: false,
         }
+    }
+
+    fn upstream_deadline(&self, ctx: &RequestCtx) -> Option<Instant> {
+        ctx.deadline
     }
 
     fn early_error_response(&self, status: u16) -> Option<(ResponseHeader, Bytes)> {

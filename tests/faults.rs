@@ -255,6 +255,26 @@ async fn timeouts_total_cuts_off_a_trickling_body() {
 }
 
 #[tokio::test]
+async fn timeouts_total_cuts_off_a_body_that_stalls_whatever_the_read_timeout() {
+    // The read timeout is ten minutes and never fires: the deadline alone ends the exchange.
+    let (stall, hits) = common::misbehaving_upstream(Misbehaviour::Stall).await;
+    let edge = edge(&[stall], "", "timeouts: { read: 10m, total: 1s }").await;
+    let answer = common::raw_exchange(
+        edge.proxy,
+        b"GET /stall HTTP/1.1\r\nHost: edge.test\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with(&"s".repeat(21)),
+        "short of its length: {answer}"
+    );
+    let line = &access_lines(&edge, 1).await[0];
+    assert_eq!(line["error"], "upstream_truncated", "{line}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn timeouts_total_caps_retries_of_a_hung_upstream() {
     // Without the cap: three attempts of a ten-minute read timeout.
     let (hung, hits) = common::misbehaving_upstream(Misbehaviour::Hang).await;

@@ -579,6 +579,8 @@ pub enum Misbehaviour {
     Hang,
     /// Promises 1,000 bytes, then sends one every 200 ms.
     Trickle,
+    /// A 200 promising 100 bytes, 21 of them, then silence for two minutes.
+    Stall,
 }
 
 /// An upstream that misbehaves on every request as told; counts the requests it received.
@@ -622,6 +624,12 @@ pub async fn misbehaving_upstream(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Misbehaviour::Hang => tokio::time::sleep(Duration::from_secs(120)).await,
+                    Misbehaviour::Stall => {
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n";
+                        let _ = stream.write_all(head).await;
+                        let _ = stream.write_all(&[b's'; 21]).await;
+                        tokio::time::sleep(Duration::from_secs(120)).await;
+                    }
                     Misbehaviour::Trickle => {
                         let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n";
                         if stream.write_all(head).await.is_err() {

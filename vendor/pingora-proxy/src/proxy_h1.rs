@@ -148,19 +148,26 @@ where
         // closure (the downstream half finished and dropped rx) from an unexpected one.
         let pipe_state = Arc::new(AtomicU8::new(PipeState::Active as u8));
 
+        // kingdom-edge patch: the whole exchange ends by the user's deadline, however the
+        // upstream spaces its bytes (a read timeout restarts with each one).
+        let deadline = self.inner.upstream_deadline(ctx);
+
         // start bi-directional streaming
-        let ret = tokio::try_join!(
-            self.proxy_handle_downstream(
-                session,
-                tx_downstream,
-                rx_upstream,
-                ctx,
-                &mut downstream_custom_message_writer,
-                &mut downstream_custom_message_reader,
-                pipe_state.clone(),
-            ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
-        );
+        let exchange = async {
+            tokio::try_join!(
+                self.proxy_handle_downstream(
+                    session,
+                    tx_downstream,
+                    rx_upstream,
+                    ctx,
+                    &mut downstream_custom_message_writer,
+                    &mut downstream_custom_message_reader,
+                    pipe_state.clone(),
+                ),
+                self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
+            )
+        };
+        let ret = within_deadline(deadline, exchange).await;
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
             if let Some(downstream_custom_message_writer) = downstream_custom_message_writer {
@@ -1085,6 +1092,26 @@ where
         }
 
         Ok(end_of_body)
+    }
+}
+
+/// kingdom-edge patch: runs `exchange`, failing it with an upstream `ReadTimedout` if it has
+/// not finished by `deadline`. The exchange's futures are dropped then: the upstream
+/// connection is not reused and the downstream response is not completed.
+pub(crate) async fn within_deadline<T>(
+    deadline: Option<std::time::Instant>,
+    exchange: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(deadline) = deadline else {
+        return exchange.await;
+    };
+    match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), exchange).await {
+        Ok(ret) => ret,
+        Err(_) => {
+            let mut e = Error::explain(ReadTimedout, "the exchange deadline passed");
+            e.as_up();
+            Err(e)
+        }
     }
 }
 

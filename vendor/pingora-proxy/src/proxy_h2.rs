@@ -302,19 +302,24 @@ where
 
         /* read downstream body and upstream response at the same time */
 
-        let ret = tokio::try_join!(
-            self.bidirection_down_to_up(
-                session,
-                &mut client_body,
-                rx,
-                ctx,
-                write_timeout,
-                &mut downstream_custom_message_writer,
-                &mut downstream_custom_message_reader,
-                pipe_state.clone(),
-            ),
-            pipe_up_to_down_response(client_session, tx, pipe_state)
-        );
+        // kingdom-edge patch: the user's deadline for the whole exchange, as on HTTP/1.
+        let deadline = self.inner.upstream_deadline(ctx);
+        let exchange = async {
+            tokio::try_join!(
+                self.bidirection_down_to_up(
+                    session,
+                    &mut client_body,
+                    rx,
+                    ctx,
+                    write_timeout,
+                    &mut downstream_custom_message_writer,
+                    &mut downstream_custom_message_reader,
+                    pipe_state.clone(),
+                ),
+                pipe_up_to_down_response(client_session, tx, pipe_state)
+            )
+        };
+        let ret = crate::proxy_h1::within_deadline(deadline, exchange).await;
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
             if let Some(downstream_custom_message_writer) = downstream_custom_message_writer {

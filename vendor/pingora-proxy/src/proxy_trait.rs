@@ -715,6 +715,13 @@ pub trait ProxyHttp {
         None
     }
 
+    /// kingdom-edge patch: when the exchange with the upstream chosen in
+    /// [`Self::upstream_peer`] must end, whatever the per-read timeouts say. Past it the
+    /// exchange fails with an upstream `ReadTimedout`. `None` (the default): no deadline.
+    fn upstream_deadline(&self, _ctx: &Self::CTX) -> Option<std::time::Instant> {
+        None
+    }
+
     /// This callback is invoked every time request related error log needs to be generated
     ///
     /// Users can define what is important to be written about this request via the returned string.
