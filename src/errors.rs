@@ -10,6 +10,18 @@ pub enum Rejection {
     /// Malformed or unsafe request framing, path or headers.
     #[error("{0}")]
     BadRequest(&'static str),
+    /// The request target is longer than the limits allow.
+    #[error("the request target is too long")]
+    UriTooLong,
+    /// A header field, or the whole header, is over the limits.
+    #[error("{0}")]
+    HeadersTooLarge(&'static str),
+    /// A transfer coding other than `chunked`.
+    #[error("only the chunked transfer coding is supported")]
+    UnsupportedTransferCoding,
+    /// An `Expect` other than `100-continue`.
+    #[error("only `Expect: 100-continue` is supported")]
+    ExpectationFailed,
     /// No route matches host, path and method.
     #[error("no route matches this request")]
     NoRoute,
@@ -50,6 +62,10 @@ impl Rejection {
             Rejection::NoRoute => 404,
             Rejection::MethodNotAllowed => 405,
             Rejection::BodyTooLarge => 413,
+            Rejection::UriTooLong => 414,
+            Rejection::ExpectationFailed => 417,
+            Rejection::HeadersTooLarge(_) => 431,
+            Rejection::UnsupportedTransferCoding => 501,
             Rejection::NoBackend | Rejection::UpstreamFailed => 502,
             Rejection::PoolSaturated
             | Rejection::NoHealthyBackend
@@ -66,6 +82,10 @@ impl Rejection {
             Rejection::NoRoute => "no_route",
             Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::BodyTooLarge => "body_too_large",
+            Rejection::UriTooLong => "uri_too_long",
+            Rejection::HeadersTooLarge(_) => "headers_too_large",
+            Rejection::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            Rejection::ExpectationFailed => "expectation_failed",
             Rejection::NoBackend => "no_backend",
             Rejection::PoolSaturated => "pool_saturated",
             Rejection::NoHealthyBackend => "no_healthy_backend",

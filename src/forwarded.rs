@@ -94,6 +94,7 @@ mod tests {
             shutdown_timeout: Duration::from_secs(1),
             shutdown_delay: Duration::ZERO,
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            hygiene: Default::default(),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod outlier;
 pub mod pool;
 pub mod preflight;
 pub mod proxy;
+pub mod request;
 pub mod request_id;
 pub mod retry;
 pub mod route;

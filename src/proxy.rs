@@ -4,8 +4,10 @@
 //! | phase                      | what happens                                                |
 //! |----------------------------|-------------------------------------------------------------|
 //! | `new_ctx`                  | take the config snapshot, count the request in flight       |
-//! | `early_request_filter`     | request id, client address, framing and path sanity         |
-//! | `request_filter`           | route (or 404), body limit, pool admission, sticky cookie   |
+//! | `early_request_filter`     | request id; target, path, host, framing, limits (`request`);|
+//! |                            | pipelining on; client address                               |
+//! | `request_filter`           | `OPTIONS *`; route (or 404) and its limits, body limit,     |
+//! |                            | `100 Continue`, pool admission, sticky cookie               |
 //! | `request_body_filter`      | count body bytes against the route's `max_body` (413)       |
 //! | `upstream_peer`            | backoff before a retry; pick a backend (pin, balancer,      |
 //! |                            | panic mode) admitted by its breaker; set timeouts           |
@@ -13,12 +15,12 @@
 //! | `fail_to_connect`          | record the failure; retry (any method) if the budget allows |
 //! | `upstream_response_filter` | record the outcome; retry an idempotent 502/503/504         |
 //! | `error_while_proxy`        | record a reset or timeout; retry only replayable requests   |
-//! | `response_filter`          | `x-request-id`, sticky `Set-Cookie`; drop `Server`          |
-//! | `fail_to_proxy`            | JSON error (400/404/413/502/503/504) with the request id    |
+//! | `response_filter`          | drop hop-by-hop and `Server`; `x-request-id`, sticky cookie |
+//! | `fail_to_proxy`            | JSON error (4xx/5xx) with the request id                    |
 //! | `logging`                  | metrics and one access-log line                             |
 //!
-//! Hop-by-hop headers are stripped by Pingora's standard upstream request policy, which also
-//! forwards WebSocket upgrades.
+//! Hop-by-hop request headers are stripped by Pingora's standard upstream request policy,
+//! which also forwards WebSocket upgrades.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +45,8 @@ use crate::forwarded::{self, Forwarded, Incoming};
 use crate::live::{InFlight as BackendInFlight, PoolRequest};
 use crate::metrics::{Metrics, Outcome};
 use crate::pool::{Choice, HashKey, Pool, Unavailable};
+use crate::request;
+use crate::request::path::{self, EscapedSlashes};
 use crate::request_id;
 use crate::route::Route;
 use crate::snapshot::{ConfigStore, Snapshot};
@@ -53,6 +57,8 @@ pub struct EdgeProxy {
     store: Arc<ConfigStore>,
     metrics: Arc<Metrics>,
     access_log: Arc<AccessLog>,
+    /// `listeners[].name`, for its settings in the snapshot.
+    listener: String,
     /// Whether this listener terminates TLS (for `X-Forwarded-Proto` and `Secure` cookies).
     tls: bool,
     /// Set from SIGTERM on: HTTP/1 responses close their connection.
@@ -65,6 +71,7 @@ impl EdgeProxy {
         store: Arc<ConfigStore>,
         metrics: Arc<Metrics>,
         access_log: Arc<AccessLog>,
+        listener: String,
         tls: bool,
         draining: Arc<AtomicBool>,
     ) -> Self {
@@ -72,6 +79,7 @@ impl EdgeProxy {
             store,
             metrics,
             access_log,
+            listener,
             tls,
             draining,
         }
@@ -105,6 +113,8 @@ pub struct RequestCtx {
     backend_in_flight: Option<BackendInFlight>,
     /// Why the exchange ended early, once it has.
     cut: Option<Cut>,
+    /// `OPTIONS *`: answered by the edge once routing would start.
+    asterisk: bool,
     /// The next attempt resends on a new connection after a stale pooled one.
     resend: bool,
     /// The current attempt's upstream answered with a non-5xx header.
@@ -263,6 +273,7 @@ impl ProxyHttp for EdgeProxy {
             retrying_status: false,
             backend_in_flight: None,
             cut: None,
+            asterisk: false,
             resend: false,
             answered: false,
             deadline: None,
@@ -275,8 +286,27 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if self.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
+        // Requests a client sends before reading the previous answer are served in order
+        // (RFC 9112 §9.3.2) instead of being dropped with the connection.
+        session.set_pipelining_enabled(true);
         let req = session.req_header();
         ctx.request_id = request_id::choose(req.headers.get("x-request-id").map(|v| v.as_bytes()));
+        let default_host = || {
+            let listeners = &ctx.snapshot.listeners;
+            listeners
+                .iter()
+                .find(|l| l.name == self.listener)
+                .map_or_else(String::new, |l| l.default_host.clone())
+        };
+        let inspected = match request::inspect(req, &ctx.snapshot.server.hygiene, default_host) {
+            Ok(inspected) => inspected,
+            Err(rejection) => return reject(ctx, rejection),
+        };
+        apply(session.req_header_mut(), inspected.target, inspected.host)?;
+        ctx.asterisk = inspected.asterisk;
         if let Some(peer) = session.client_addr().and_then(PeerAddr::as_inet) {
             let req = session.req_header();
             let xff = joined_header(req, "x-forwarded-for");
@@ -290,25 +320,23 @@ impl ProxyHttp for EdgeProxy {
             };
             ctx.forwarded = Some(forwarded::resolve(&incoming, &ctx.snapshot.server));
         }
-        if self.draining.load(Ordering::Relaxed) {
-            session.set_keepalive(None);
-        }
-        if let Err(reason) = check_request(session.req_header()) {
-            return reject(ctx, Rejection::BadRequest(reason));
-        }
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let req = session.req_header();
-        let route = ctx
-            .snapshot
-            .router
-            .find(request_host(req), req.uri.path(), &req.method)
-            .cloned();
-        let Some(route) = route else {
-            return answer(session, ctx, Rejection::NoRoute).await;
+        if ctx.asterisk {
+            return answer_options_asterisk(session, ctx).await;
+        }
+        let route = match route_request(&ctx.snapshot, session.req_header_mut()) {
+            Ok(Some(route)) => route,
+            Ok(None) => return answer(session, ctx, Rejection::NoRoute).await,
+            Err(rejection) => return answer(session, ctx, rejection).await,
         };
+        if let Err(rejection) = route.limits.check(session.req_header()) {
+            ctx.route = Some(route);
+            return answer(session, ctx, rejection).await;
+        }
+        let req = session.req_header();
         let declared = req
             .headers
             .get(header::CONTENT_LENGTH)
@@ -321,6 +349,9 @@ impl ProxyHttp for EdgeProxy {
         }
         if too_large {
             return answer(session, ctx, Rejection::BodyTooLarge).await;
+        }
+        if let Err(rejection) = expect_continue(session).await {
+            return answer(session, ctx, rejection).await;
         }
         let Some(request) = pool.state.start(pool.max_in_flight) else {
             pool.metrics.rejected_max_in_flight.inc();
@@ -498,7 +529,7 @@ impl ProxyHttp for EdgeProxy {
             e.set_retry(false);
             return e;
         }
-        if session.response_written().is_some() {
+        if response_started(session) {
             // Part of this attempt's response is already with the client: another attempt
             // would splice a second response onto it.
             ctx.cut = Some(Cut::UpstreamTruncated);
@@ -558,6 +589,7 @@ impl ProxyHttp for EdgeProxy {
             // still accept them, instead of meeting a closed keep-alive connection later.
             session.set_keepalive(None);
         }
+        strip_hop_by_hop(response);
         response.remove_header(&header::SERVER);
         response.remove_header("x-powered-by");
         response.insert_header("x-request-id", &ctx.request_id)?;
@@ -590,7 +622,7 @@ impl ProxyHttp for EdgeProxy {
         if errors::client_gone(e) {
             ctx.cut = Some(Cut::ClientAborted);
         }
-        if session.response_written().is_some() {
+        if response_started(session) {
             // Too late for an error response: make sure the client cannot take what it got
             // for a complete response.
             ctx.cut.get_or_insert(Cut::UpstreamTruncated);
@@ -603,7 +635,7 @@ impl ProxyHttp for EdgeProxy {
         let rejection = ctx.rejection.or_else(|| Rejection::from_error(e));
         ctx.rejection = rejection;
         let error_code = match rejection {
-            Some(rejection) if session.response_written().is_none() => {
+            Some(rejection) if !response_started(session) => {
                 match respond(session, ctx, rejection).await {
                     Ok(()) => rejection.status(),
                     Err(_) => 0,
@@ -656,7 +688,10 @@ impl ProxyHttp for EdgeProxy {
         }
         ctx.backend_in_flight = None;
 
-        let written = session.response_written().map(|r| r.status.as_u16());
+        let written = session
+            .response_written()
+            .filter(|r| !r.status.is_informational())
+            .map(|r| r.status.as_u16());
         let status = match (written, ctx.cut) {
             (Some(status), _) => status,
             (None, Some(Cut::ClientAborted)) => CLIENT_CLOSED_REQUEST,
@@ -818,7 +853,12 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) 
     let clean = session.is_body_empty()
         && !matches!(
             rejection,
-            Rejection::BadRequest(_) | Rejection::BodyTooLarge
+            Rejection::BadRequest(_)
+                | Rejection::BodyTooLarge
+                | Rejection::UriTooLong
+                | Rejection::HeadersTooLarge(_)
+                | Rejection::UnsupportedTransferCoding
+                | Rejection::ExpectationFailed
         );
     if !clean || ctx.cut.is_some() || ctx.choice.is_some() {
         session.set_keepalive(None);
@@ -870,37 +910,139 @@ fn joined_header(req: &RequestHeader, name: &str) -> Option<String> {
 /// Framing and path checks that protect upstreams from request smuggling and path tricks.
 /// (Pingora itself resolves `Content-Length` + `Transfer-Encoding` before this runs: it drops
 /// the length, frames by the encoding and closes the connection after the response.)
-fn check_request(req: &RequestHeader) -> std::result::Result<(), &'static str> {
-    let lengths = req.headers.get_all(header::CONTENT_LENGTH);
-    let mut iter = lengths.iter();
-    if let Some(first) = iter.next() {
-        if iter.any(|other| other != first) {
-            return Err("conflicting Content-Length headers");
-        }
+/// Makes the request what [`request::inspect`] found it should be: the normalized
+/// origin-form target, and a `Host`.
+fn apply(req: &mut RequestHeader, target: Option<String>, host: Option<String>) -> Result<()> {
+    if let Some(target) = target {
+        let uri = http::Uri::try_from(target).map_err(|e| {
+            Error::because(ErrorType::InvalidHTTPHeader, "normalized request target", e)
+        })?;
+        req.set_uri(uri);
     }
-    let path = req.uri.path();
-    if !path.starts_with('/') {
-        return Err("the request target must be an absolute path");
-    }
-    if path.contains(['.', '%']) && path.split('/').any(is_dot_segment) {
-        return Err("the path contains `.` or `..` segments");
+    if let Some(host) = host {
+        req.insert_header(header::HOST, host)?;
     }
     Ok(())
 }
 
-/// `.` or `..`, with any of the dots written as `%2e`/`%2E`.
-fn is_dot_segment(segment: &str) -> bool {
-    let mut rest = segment.as_bytes();
-    let mut dots = 0;
-    while !rest.is_empty() {
-        rest = match rest {
-            [b'.', tail @ ..] => tail,
-            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
-            _ => return false,
-        };
-        dots += 1;
+/// The route for the request, matched on its normalized path without `;` parameters, after
+/// the route's rule for escaped slashes (which may decode them and route again).
+fn route_request(
+    snapshot: &Snapshot,
+    req: &mut RequestHeader,
+) -> std::result::Result<Option<Arc<Route>>, Rejection> {
+    let find = |req: &RequestHeader| {
+        let path = path::for_matching(req.uri.path());
+        snapshot
+            .router
+            .find(request_host(req), &path, &req.method)
+            .cloned()
+    };
+    let Some(route) = find(req) else {
+        return Ok(None);
+    };
+    if !path::has_escaped_slashes(req.uri.path()) {
+        return Ok(Some(route));
     }
-    dots == 1 || dots == 2
+    match route.escaped_slashes {
+        EscapedSlashes::Reject => Err(Rejection::BadRequest(
+            "the path contains an escaped slash or backslash (`%2F`, `%5C`)",
+        )),
+        EscapedSlashes::Keep => Ok(Some(route)),
+        EscapedSlashes::Decode => {
+            let merge = snapshot.server.hygiene.merge_slashes;
+            let decoded =
+                path::decode_slashes(req.uri.path(), merge).map_err(Rejection::BadRequest)?;
+            let target = match req.uri.query() {
+                Some(query) => format!("{decoded}?{query}"),
+                None => decoded,
+            };
+            apply(req, Some(target), None).map_err(|_| Rejection::BadRequest("bad path"))?;
+            // Decoding must not move the request to another route's policies.
+            match find(req) {
+                Some(again) if Arc::ptr_eq(&again, &route) => Ok(Some(route)),
+                _ => Err(Rejection::BadRequest(
+                    "the path routes elsewhere once its escaped slashes are decoded",
+                )),
+            }
+        }
+    }
+}
+
+/// `OPTIONS *` asks what the server supports: the edge answers it.
+async fn answer_options_asterisk(session: &mut Session, ctx: &RequestCtx) -> Result<bool> {
+    let mut header = ResponseHeader::build(200, Some(4))?;
+    header.insert_header(
+        header::ALLOW,
+        "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+    )?;
+    header.insert_header(header::CONTENT_LENGTH, "0")?;
+    header.insert_header("x-request-id", &ctx.request_id)?;
+    session
+        .write_response_header(Box::new(header), true)
+        .await?;
+    Ok(true)
+}
+
+/// Answers `Expect: 100-continue` at the edge, once the request is known to be acceptable,
+/// so the client sends its body without waiting on an upstream; the upstream is not asked.
+/// Any other expectation is refused (417).
+async fn expect_continue(session: &mut Session) -> std::result::Result<(), Rejection> {
+    let Some(expect) = session.req_header().headers.get(header::EXPECT) else {
+        return Ok(());
+    };
+    if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+        return Err(Rejection::ExpectationFailed);
+    }
+    session.req_header_mut().remove_header(&header::EXPECT);
+    if session.req_header().version != http::Version::HTTP_11 || session.is_body_empty() {
+        return Ok(());
+    }
+    let Ok(continue_) = ResponseHeader::build(100, Some(0)) else {
+        return Err(Rejection::Internal);
+    };
+    // An interim answer does not end the exchange: the connection may stay open after the
+    // final one. A client that went away is found out when its body is read.
+    session.set_close_on_response_before_downstream_finish(false);
+    let _ = session
+        .write_response_header(Box::new(continue_), false)
+        .await;
+    session.set_close_on_response_before_downstream_finish(true);
+    Ok(())
+}
+
+/// Whether a final response header went to the client (a `100 Continue` is not one).
+fn response_started(session: &Session) -> bool {
+    session
+        .response_written()
+        .is_some_and(|r| !r.status.is_informational())
+}
+
+/// Headers that describe the upstream connection, not the response (RFC 9110 §7.6.1):
+/// `Connection` and the headers it names, and the classic hop-by-hop set. `Upgrade` stays
+/// on a `101`, which needs it.
+fn strip_hop_by_hop(response: &mut ResponseHeader) {
+    let named: Vec<String> = response
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty() && name != "close" && name != "keep-alive")
+        .collect();
+    for name in &named {
+        if name != "upgrade" || response.status != 101 {
+            response.remove_header(name.as_str());
+        }
+    }
+    for name in ["keep-alive", "proxy-connection", "te", "trailer"] {
+        response.remove_header(name);
+    }
+    if response.status != 101 {
+        response.remove_header(&header::UPGRADE);
+        response.remove_header(&header::CONNECTION);
+    }
 }
 
 #[cfg(test)]
@@ -925,39 +1067,6 @@ mod tests {
         assert_eq!(request_cookie(&req, "b"), Some("2"));
         let req = request("/", &[("cookie", "kdx=1; b=2")]);
         assert_eq!(request_cookie(&req, "kd"), None);
-    }
-
-    #[test]
-    fn request_checks() {
-        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool);
-        let cases: &[Case] = &[
-            ("/v1/echo", &[], true),
-            (
-                "/v1/echo",
-                &[("content-length", "3"), ("content-length", "3")],
-                true,
-            ),
-            (
-                "/v1/echo",
-                &[("content-length", "3"), ("content-length", "4")],
-                false,
-            ),
-            ("/v1/../admin", &[], false),
-            ("/v1/%2E%2e/admin", &[], false),
-            ("/v1/./x", &[], false),
-            ("/v1/..x", &[], true),
-            ("/v1/.%2e", &[], false),
-            ("/v1/...", &[], true),
-            ("/v1/%2", &[], true),
-            ("/v1/file.txt", &[], true),
-        ];
-        for (path, headers, ok) in cases {
-            assert_eq!(
-                check_request(&request(path, headers)).is_ok(),
-                *ok,
-                "{path} {headers:?}"
-            );
-        }
     }
 
     #[test]

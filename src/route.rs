@@ -12,6 +12,8 @@ use crate::config::raw::RawRoute;
 use crate::config::Errors;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pool::Pool;
+use crate::request::path::EscapedSlashes;
+use crate::request::HeadLimits;
 
 /// One compiled route.
 pub struct Route {
@@ -27,6 +29,10 @@ pub struct Route {
     pub pool: Arc<Pool>,
     /// Largest request body in bytes; `None` is no limit.
     pub max_body: Option<u64>,
+    /// What a path holding `%2F` or `%5C` gets here.
+    pub escaped_slashes: EscapedSlashes,
+    /// Request head limits (the server's unless the route sets its own).
+    pub limits: HeadLimits,
     /// Request counters for this route.
     pub metrics: RouteMetrics,
 }
@@ -120,6 +126,7 @@ pub fn compile(
     raw: &[RawRoute],
     pools: &[Arc<Pool>],
     declared: &[&str],
+    limits: HeadLimits,
     metrics: &Metrics,
     errors: &mut Errors,
 ) -> Router {
@@ -183,6 +190,23 @@ pub fn compile(
             errors.push(format!("{at}.max_body"), "must be > 0 (got 0B)");
         }
 
+        let escaped_slashes = match route.escaped_slashes.as_deref() {
+            None => EscapedSlashes::default(),
+            Some(text) => EscapedSlashes::parse(text).unwrap_or_else(|| {
+                errors.push(
+                    format!("{at}.escaped_slashes"),
+                    format!("must be `reject`, `keep` or `decode` (got `{text}`)"),
+                );
+                EscapedSlashes::default()
+            }),
+        };
+        let limits = HeadLimits::compile(
+            route.request_limits.as_ref(),
+            limits,
+            &format!("{at}.request_limits"),
+            errors,
+        );
+
         let pool = pools.iter().find(|p| p.name == route.pool);
         if pool.is_none() && !declared.contains(&route.pool.as_str()) {
             errors.push(
@@ -202,6 +226,8 @@ pub fn compile(
                 methods,
                 pool: pool.clone(),
                 max_body,
+                escaped_slashes,
+                limits,
                 metrics: metrics.route(&route.name),
             }),
         ));
@@ -250,7 +276,14 @@ mod tests {
                 Arc::new(crate::pool::compile(name, p, "pools", &cx, &mut errors).unwrap())
             })
             .collect();
-        let router = compile(&raw.routes, &pools, &["a", "b"], &metrics, &mut errors);
+        let router = compile(
+            &raw.routes,
+            &pools,
+            &["a", "b"],
+            HeadLimits::default(),
+            &metrics,
+            &mut errors,
+        );
         assert!(errors.is_empty(), "{errors:?}");
         router
     }

@@ -150,6 +150,7 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
             store.clone(),
             metrics.clone(),
             access_log.clone(),
+            listener.name.clone(),
             tls.is_some(),
             draining.clone(),
         );

@@ -14,6 +14,7 @@ use crate::config::raw::RawConfig;
 use crate::config::{CompileContext, Errors};
 use crate::metrics::{RouteMetrics, NO_ROUTE};
 use crate::pool::{self, Pool};
+use crate::request::{HeadLimits, Hygiene};
 use crate::route::{self, Router};
 
 /// Everything a request or a supervisor needs from the config.
@@ -60,6 +61,8 @@ pub struct ServerSettings {
     pub shutdown_delay: Duration,
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Path normalization and request head limits.
+    pub hygiene: Hygiene,
 }
 
 impl ServerSettings {
@@ -77,6 +80,8 @@ pub struct Listener {
     pub address: SocketAddr,
     /// TLS settings; `None` is plain HTTP/1.1.
     pub tls: Option<TlsSettings>,
+    /// `Host` for HTTP/1.0 requests that send none.
+    pub default_host: String,
 }
 
 /// TLS termination for a listener.
@@ -177,10 +182,23 @@ pub fn compile(
                 http2: tls.http2.unwrap_or(true),
             }
         });
+        let default_host = match &l.default_host {
+            Some(host) => {
+                if let Err(why) = crate::request::host::validate(host) {
+                    errors.push(
+                        format!("{at}.default_host"),
+                        format!("{why} (got `{host}`)"),
+                    );
+                }
+                host.clone()
+            }
+            None => address.to_string(),
+        };
         listeners.push(Listener {
             name: l.name.clone(),
             address,
             tls,
+            default_host,
         });
     }
 
@@ -232,7 +250,10 @@ pub fn compile(
         errors.push("routes", "at least one route is needed");
     }
     let declared: Vec<&str> = raw.pools.keys().map(String::as_str).collect();
-    let router = route::compile(&raw.routes, &pools, &declared, cx.metrics, errors);
+    let limits = server
+        .as_ref()
+        .map_or_else(Default::default, |s| s.hygiene.limits);
+    let router = route::compile(&raw.routes, &pools, &declared, limits, cx.metrics, errors);
 
     let access_log = match raw.access_log.output.as_deref() {
         None | Some("stdout") => AccessLogOutput::Stdout,
@@ -247,7 +268,13 @@ pub fn compile(
         Some(path) => AccessLogOutput::File(PathBuf::from(path)),
     };
 
-    let server = server?;
+    let mut server = server?;
+    server.hygiene.ceiling = router
+        .routes()
+        .iter()
+        .fold(server.hygiene.limits, |ceiling, route| {
+            ceiling.max(route.limits)
+        });
     Some(Snapshot {
         version: 1,
         digest: hex_prefix(digest::digest(&digest::SHA256, text.as_bytes()).as_ref()),
@@ -287,11 +314,23 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
             ),
         }
     }
+    let limits = HeadLimits::compile(
+        s.request_limits.as_ref(),
+        HeadLimits::default(),
+        "server.request_limits",
+        errors,
+    );
+    let hygiene = Hygiene {
+        merge_slashes: s.merge_slashes.unwrap_or(true),
+        limits,
+        ceiling: limits,
+    };
     (errors.len() == start).then_some(ServerSettings {
         threads,
         shutdown_timeout,
         shutdown_delay,
         trusted_proxies,
+        hygiene,
     })
 }
 

@@ -38,6 +38,25 @@ pub struct RawServer {
     /// Peers whose `X-Forwarded-*` headers are believed. Default: none.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Merge repeated slashes in request paths (`//a///b` is `/a/b`). Default: true.
+    pub merge_slashes: Option<bool>,
+    /// Request head limits. Default: 8KiB target, 8KiB per field, 32KiB in all, 100 fields.
+    pub request_limits: Option<RawRequestLimits>,
+}
+
+/// `server.request_limits:` and `routes[].request_limits:`; each key defaults to the
+/// server's value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequestLimits {
+    /// Longest request target (414 past it).
+    pub request_line: Option<Size>,
+    /// Longest header field, name and value (431).
+    pub header: Option<Size>,
+    /// All header fields together (431).
+    pub headers: Option<Size>,
+    /// Most header fields (431).
+    pub header_count: Option<usize>,
 }
 
 /// One entry of `listeners:`.
@@ -47,6 +66,8 @@ pub struct RawListener {
     pub name: String,
     pub address: String,
     pub tls: Option<RawTls>,
+    /// `Host` for HTTP/1.0 requests that send none. Default: the listener's address.
+    pub default_host: Option<String>,
 }
 
 /// `listeners[].tls:`.
@@ -307,6 +328,10 @@ pub struct RawRoute {
     pub pool: String,
     /// Largest request body accepted, e.g. `64KiB`. Default: no limit.
     pub max_body: Option<Size>,
+    /// `reject`, `keep` or `decode` a path holding `%2F` or `%5C`. Default: reject.
+    pub escaped_slashes: Option<String>,
+    /// Request head limits for this route. Default: `server.request_limits`.
+    pub request_limits: Option<RawRequestLimits>,
 }
 
 /// `routes[].match:`.

@@ -84,10 +84,10 @@ fn broken_files_give_exact_errors() {
             "every shape error, each at its line",
             "listeners: [{ name: public, address: 127.0.0.1:8080, colour: red }]\npools:\n  api:\n    backends: [{ address: 127.0.0.1:9201, weight: heavy }]\n  web:\n    backends: []\n    timeouts: { connect: soon }\nroutes:\n  - { name: api, pool: api, extra: 1 }\n",
             &[
-                "line 1: listeners[0]: unknown field `colour`, expected one of `name`, `address`, `tls`",
+                "line 1: listeners[0]: unknown field `colour`, expected one of `name`, `address`, `tls`, `default_host`",
                 "line 4: pools.api.backends[0].weight: invalid type: string \"heavy\", expected u32",
                 "line 7: pools.web.timeouts.connect: `soon` is not a duration (e.g. 250ms, 2s, 15m, 1h)",
-                "line 9: routes[0]: unknown field `extra`, expected one of `name`, `match`, `pool`, `max_body`",
+                "line 9: routes[0]: unknown field `extra`, expected one of `name`, `match`, `pool`, `max_body`, `escaped_slashes`, `request_limits`",
             ],
         ),
         (

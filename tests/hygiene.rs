@@ -1,0 +1,442 @@
+//! Request hygiene, byte for byte: each rule is tried with the raw request an attacker or a
+//! sloppy client would send, checking the status, whether the connection stays open, and
+//! what the upstream received.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{addr, free_ports, Edge};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An upstream that answers every request with the request head it received (and its
+/// body) as the body, plus hop-by-hop headers no client may see.
+async fn capturing_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(echo_requests(stream));
+        }
+    });
+    address
+}
+
+async fn echo_requests(mut stream: TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if !read_more(&mut stream, &mut buf).await {
+                return;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let chunked = head.contains("transfer-encoding: chunked");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let end = loop {
+            let body = &buf[head_end..];
+            let done = match chunked {
+                true => body
+                    .windows(5)
+                    .position(|w| w == b"0\r\n\r\n")
+                    .map(|i| head_end + i + 5),
+                false => (body.len() >= length).then_some(head_end + length),
+            };
+            if let Some(end) = done {
+                break end;
+            }
+            if !read_more(&mut stream, &mut buf).await {
+                return;
+            }
+        };
+        let echoed: Vec<u8> = buf.drain(..end).collect();
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nkeep-alive: timeout=5\r\nconnection: keep-alive, x-secret\r\nx-secret: 1\r\nproxy-connection: keep-alive\r\ntrailer: x-t\r\nupgrade: h2c\r\n\r\n",
+            echoed.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(&echoed);
+        if stream.write_all(&answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 8192];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// A proxy with a protected route `/limited` (1 KiB bodies), routes for escaped slashes,
+/// and a catch-all, all to `upstream`.
+async fn edge(upstream: SocketAddr) -> Edge {
+    let p = free_ports(2);
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: public, address: 127.0.0.1:{proxy}, default_host: edge.internal }}
+admin: {{ address: 127.0.0.1:{admin} }}
+server:
+  request_limits: {{ request_line: 1KiB, header: 1KiB, headers: 4KiB, header_count: 20 }}
+pools:
+  app:
+    backends: [{{ address: {upstream} }}]
+routes:
+  - {{ name: limited, match: {{ path_prefix: /limited }}, pool: app, max_body: 1KiB }}
+  - {{ name: kept, match: {{ path_prefix: /kept }}, pool: app, escaped_slashes: keep }}
+  - {{ name: decoded, match: {{ path_prefix: /decoded }}, pool: app, escaped_slashes: decode }}
+  - name: big-headers
+    match: {{ path_prefix: /big }}
+    pool: app
+    request_limits: {{ header: 4KiB }}
+  - {{ name: app, match: {{ path_prefix: / }}, pool: app }}
+"#,
+        proxy = p[0],
+        admin = p[1],
+    );
+    Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
+}
+
+/// Everything the proxy answers to `request` until it closes the connection (which it
+/// must, within the deadline: the request asks for it, or is refused).
+async fn exchange(proxy: SocketAddr, request: &[u8]) -> String {
+    common::raw_exchange(proxy, request).await
+}
+
+fn status(answer: &str) -> u16 {
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+/// The request line the upstream received, from the echoed body.
+fn forwarded_line(answer: &str) -> &str {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    body.lines().next().unwrap_or("")
+}
+
+/// A header the upstream received, from the echoed body.
+fn forwarded_header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+    let body = answer.split_once("\r\n\r\n")?.1;
+    let head = body.split("\r\n\r\n").next()?;
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn get(target: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn every_spelling_of_a_protected_path_gets_its_routes_policy() {
+    let edge = edge(capturing_upstream().await).await;
+    let body = "x".repeat(2048);
+    for spelling in [
+        "/limited/x",
+        "/%6cimited/x",
+        "/%6C%69mited/x",
+        "//limited/x",
+        "/limited//x",
+        "/limited;p=1/x",
+        "/limited;/x",
+    ] {
+        let post = format!(
+            "POST {spelling} HTTP/1.1\r\nHost: edge.test\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = exchange(edge.proxy, post.as_bytes()).await;
+        assert_eq!(status(&answer), 413, "{spelling}: {answer}");
+    }
+    // The upstream receives the path that was routed.
+    for (spelling, forwarded) in [
+        ("/%6cimited/x?q=%41", "GET /limited/x?q=%41 HTTP/1.1"),
+        ("//limited///x", "GET /limited/x HTTP/1.1"),
+        ("/a%3ab%7e", "GET /a%3Ab~ HTTP/1.1"),
+    ] {
+        let answer = exchange(edge.proxy, &get(spelling)).await;
+        assert_eq!(status(&answer), 200, "{spelling}: {answer}");
+        assert_eq!(forwarded_line(&answer), forwarded, "{spelling}");
+    }
+}
+
+#[tokio::test]
+async fn unsafe_targets_get_400_and_the_connection_is_closed() {
+    let edge = edge(capturing_upstream().await).await;
+    for target in [
+        "a",
+        "?q=1",
+        "*",
+        "ftp://edge.test/x",
+        "/a/../limited",
+        "/a/%2e%2e/limited",
+        "/public/..;/limited",
+        "/a%00b",
+        "/a?q=%00",
+        "/a%zz",
+        "/limited%2Fx",
+        "/limited%5cx",
+        "/decoded%2F..%2Flimited",
+        "/decoded%2F%2E%2E%2Flimited",
+        "/decoded/x%2F..%2F..%2Flimited",
+    ] {
+        let answer = exchange(edge.proxy, &get(target)).await;
+        assert_eq!(status(&answer), 400, "{target}: {answer}");
+        assert!(
+            answer.contains("\"error\":\"bad_request\""),
+            "{target}: {answer}"
+        );
+        assert!(answer.contains("connection: close") || answer.contains("Connection: close"));
+    }
+}
+
+#[tokio::test]
+async fn escaped_slashes_follow_the_routes_rule() {
+    let edge = edge(capturing_upstream().await).await;
+    let kept = exchange(edge.proxy, &get("/kept/a%2fb")).await;
+    assert_eq!(status(&kept), 200, "{kept}");
+    assert_eq!(forwarded_line(&kept), "GET /kept/a%2Fb HTTP/1.1");
+    let decoded = exchange(edge.proxy, &get("/decoded/a%2Fb%5Cc")).await;
+    assert_eq!(status(&decoded), 200, "{decoded}");
+    assert_eq!(forwarded_line(&decoded), "GET /decoded/a/b/c HTTP/1.1");
+    // Decoded into another route's path: refused rather than moved.
+    let moved = exchange(edge.proxy, &get("/decoded%2F..%2Flimited")).await;
+    assert_eq!(status(&moved), 400, "{moved}");
+}
+
+#[tokio::test]
+async fn request_target_forms_follow_rfc_9112() {
+    let edge = edge(capturing_upstream().await).await;
+    // Absolute-form: forwarded in origin-form, its authority the Host.
+    let absolute = exchange(
+        edge.proxy,
+        b"GET http://Shop.Example:8080/x?y=1 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&absolute), 200, "{absolute}");
+    assert_eq!(forwarded_line(&absolute), "GET /x?y=1 HTTP/1.1");
+    assert_eq!(
+        forwarded_header(&absolute, "host"),
+        Some("Shop.Example:8080")
+    );
+    // Asterisk-form is for OPTIONS only, and answered by the edge.
+    let options = exchange(
+        edge.proxy,
+        b"OPTIONS * HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&options), 200, "{options}");
+    assert!(
+        options.to_ascii_lowercase().contains("allow: get, head"),
+        "{options}"
+    );
+    assert_eq!(forwarded_line(&options), "", "not sent upstream");
+}
+
+#[tokio::test]
+async fn hosts_are_validated_required_and_defaulted_for_http_1_0() {
+    let edge = edge(capturing_upstream().await).await;
+    for host in [
+        "a b/c",
+        "evil.example/x",
+        "a<script>",
+        "h:99999",
+        "h:0",
+        "[::1",
+    ] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = exchange(edge.proxy, request.as_bytes()).await;
+        assert_eq!(status(&answer), 400, "{host}: {answer}");
+    }
+    let missing = exchange(edge.proxy, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&missing), 400, "{missing}");
+    let old = exchange(edge.proxy, b"GET /x HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status(&old), 200, "{old}");
+    assert_eq!(forwarded_header(&old, "host"), Some("edge.internal"));
+    let twice = exchange(
+        edge.proxy,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&twice), 400, "{twice}");
+}
+
+#[tokio::test]
+async fn only_one_chunked_transfer_coding_is_accepted() {
+    let edge = edge(capturing_upstream().await).await;
+    let gzip = exchange(
+        edge.proxy,
+        b"POST / HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&gzip), 501, "{gzip}");
+    let identity = exchange(
+        edge.proxy,
+        b"POST / HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: identity\r\n\r\n",
+    )
+    .await;
+    // Refused as unparsable before any coding is looked at.
+    assert_eq!(status(&identity), 400, "{identity}");
+    let twice = exchange(
+        edge.proxy,
+        b"POST / HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&twice), 400, "{twice}");
+    let chunked = exchange(
+        edge.proxy,
+        b"POST / HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&chunked), 200, "{chunked}");
+    assert!(chunked.ends_with("3\r\nabc\r\n0\r\n\r\n"), "{chunked}");
+}
+
+#[tokio::test]
+async fn oversized_heads_get_414_and_431_with_per_route_overrides() {
+    let edge = edge(capturing_upstream().await).await;
+    let long_target = format!("/{}", "a".repeat(1100));
+    let answer = exchange(edge.proxy, &get(&long_target)).await;
+    assert_eq!(status(&answer), 414, "{answer}");
+    let field = "v".repeat(2000);
+    let big = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: edge.test\r\nX-Big: {field}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let answer = exchange(edge.proxy, big("/").as_bytes()).await;
+    assert_eq!(status(&answer), 431, "{answer}");
+    assert!(
+        answer.contains("\"error\":\"headers_too_large\""),
+        "{answer}"
+    );
+    // The route that allows 4 KiB fields takes it.
+    let answer = exchange(edge.proxy, big("/big").as_bytes()).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    let many: String = (0..25).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let request = format!("GET / HTTP/1.1\r\nHost: edge.test\r\n{many}Connection: close\r\n\r\n");
+    let answer = exchange(edge.proxy, request.as_bytes()).await;
+    assert_eq!(status(&answer), 431, "{answer}");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_of_the_upstream_never_reach_the_client() {
+    let edge = edge(capturing_upstream().await).await;
+    let answer = exchange(edge.proxy, &get("/x")).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    let head = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    for name in [
+        "keep-alive:",
+        "x-secret:",
+        "proxy-connection:",
+        "trailer:",
+        "upgrade:",
+    ] {
+        assert!(!head.contains(name), "{name} reached the client: {head}");
+    }
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_by_the_edge() {
+    let edge = edge(capturing_upstream().await).await;
+    let mut stream = TcpStream::connect(edge.proxy).await.unwrap();
+    stream
+        .write_all(b"POST /x HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(common::DEADLINE, stream.read_exact(&mut interim))
+        .await
+        .expect("an interim answer")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"abc").await.unwrap();
+    let answer = read_answer(&mut stream).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(
+        forwarded_header(&answer, "expect"),
+        None,
+        "the upstream is not asked"
+    );
+    assert!(answer.ends_with("abc"), "{answer}");
+    // The connection stays usable.
+    stream.write_all(&get("/again")).await.unwrap();
+    let again = read_answer(&mut stream).await;
+    assert_eq!(forwarded_line(&again), "GET /again HTTP/1.1");
+
+    // Over the route's limit: 413 at once, no 100.
+    let answer = exchange(
+        edge.proxy,
+        b"POST /limited HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 413, "{answer}");
+    let answer = exchange(
+        edge.proxy,
+        b"GET / HTTP/1.1\r\nHost: edge.test\r\nExpect: teapot\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 417, "{answer}");
+}
+
+/// Reads one answer with a `content-length` from `stream`.
+async fn read_answer(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= i + 4 + length {
+                    return String::from_utf8_lossy(&buf[..i + 4 + length]).into_owned();
+                }
+            }
+            assert!(read_more(stream, &mut buf).await, "closed mid-answer");
+        }
+    };
+    tokio::time::timeout(common::DEADLINE, read)
+        .await
+        .expect("an answer in time")
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let edge = edge(capturing_upstream().await).await;
+    let answer = exchange(
+        edge.proxy,
+        b"GET /1 HTTP/1.1\r\nHost: edge.test\r\n\r\nPOST /2 HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 2\r\n\r\nhiGET /3 HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let lines: Vec<&str> = answer
+        .split("\r\n")
+        .filter(|l| l.starts_with("GET /") || l.starts_with("POST /"))
+        .collect();
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 3, "{answer}");
+    assert_eq!(
+        lines,
+        ["GET /1 HTTP/1.1", "POST /2 HTTP/1.1", "GET /3 HTTP/1.1"]
+    );
+}
