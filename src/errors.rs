@@ -19,6 +19,9 @@ pub enum Rejection {
     /// A transfer coding other than `chunked`.
     #[error("only the chunked transfer coding is supported")]
     UnsupportedTransferCoding,
+    /// The client took too long to send its request header or body.
+    #[error("the request took too long to arrive")]
+    RequestTimeout,
     /// An `Expect` other than `100-continue`.
     #[error("only `Expect: 100-continue` is supported")]
     ExpectationFailed,
@@ -62,6 +65,7 @@ impl Rejection {
             Rejection::NoRoute => 404,
             Rejection::MethodNotAllowed => 405,
             Rejection::BodyTooLarge => 413,
+            Rejection::RequestTimeout => 408,
             Rejection::UriTooLong => 414,
             Rejection::ExpectationFailed => 417,
             Rejection::HeadersTooLarge(_) => 431,
@@ -82,6 +86,7 @@ impl Rejection {
             Rejection::NoRoute => "no_route",
             Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::BodyTooLarge => "body_too_large",
+            Rejection::RequestTimeout => "request_timeout",
             Rejection::UriTooLong => "uri_too_long",
             Rejection::HeadersTooLarge(_) => "headers_too_large",
             Rejection::UnsupportedTransferCoding => "unsupported_transfer_coding",
@@ -115,6 +120,9 @@ impl Rejection {
                 if e.esource() == &ErrorSource::Upstream =>
             {
                 Some(Rejection::UpstreamTimeout)
+            }
+            ReadTimedout if e.esource() == &ErrorSource::Downstream => {
+                Some(Rejection::RequestTimeout)
             }
             HTTPStatus(504) => Some(Rejection::UpstreamTimeout),
             HTTPStatus(502) => Some(Rejection::UpstreamFailed),
@@ -167,6 +175,7 @@ mod tests {
             (upstream(ErrorType::ConnectionClosed), Some(502)),
             (downstream(ErrorType::ConnectionClosed), None),
             (downstream(ErrorType::InvalidHTTPHeader), Some(400)),
+            (downstream(ErrorType::ReadTimedout), Some(408)),
             (Error::new(ErrorType::InternalError), Some(500)),
         ];
         for (e, want) in cases {

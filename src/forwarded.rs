@@ -95,6 +95,7 @@ mod tests {
             shutdown_delay: Duration::ZERO,
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
             hygiene: Default::default(),
+            client_timeouts: Default::default(),
         }
     }
 

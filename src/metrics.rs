@@ -25,6 +25,33 @@ pub struct Metrics {
     pool_rejected: IntCounterVec,
     sticky_invalid: IntCounterVec,
     truncated: IntCounterVec,
+    /// Client connections closed because the client ran out of time.
+    pub client_timeouts: ClientTimeouts,
+}
+
+/// `kingdom_edge_client_timeouts_total{phase}`, one handle per phase.
+pub struct ClientTimeouts {
+    tls_handshake: IntCounter,
+    keepalive: IntCounter,
+    header: IntCounter,
+    body: IntCounter,
+    h2_idle: IntCounter,
+}
+
+impl ClientTimeouts {
+    /// Counts one timeout in `phase`: `tls_handshake`, `keepalive`, `header`, `body` or
+    /// `h2_idle` (anything else is not a phase and is ignored).
+    pub fn count(&self, phase: &str) {
+        let counter = match phase {
+            "tls_handshake" => &self.tls_handshake,
+            "keepalive" => &self.keepalive,
+            "header" => &self.header,
+            "body" => &self.body,
+            "h2_idle" => &self.h2_idle,
+            _ => return,
+        };
+        counter.inc();
+    }
 }
 
 /// Route label used for requests that matched no route (or were rejected before routing).
@@ -114,8 +141,22 @@ impl Metrics {
             "Responses aborted after they had started, because the upstream failed mid-response.",
             &["route"],
         );
+        let client_timeouts_vec = counter(
+            "kingdom_edge_client_timeouts_total",
+            "Client connections closed for taking too long: tls_handshake, keepalive (idle between requests), header, body (408), h2_idle.",
+            &["phase"],
+        );
+        let phase = |name: &str| client_timeouts_vec.with_label_values(&[name]);
+        let client_timeouts = ClientTimeouts {
+            tls_handshake: phase("tls_handshake"),
+            keepalive: phase("keepalive"),
+            header: phase("header"),
+            body: phase("body"),
+            h2_idle: phase("h2_idle"),
+        };
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(client_timeouts_vec.clone()),
             Box::new(duration.clone()),
             Box::new(upstream.clone()),
             Box::new(in_flight.clone()),
@@ -146,6 +187,7 @@ impl Metrics {
             pool_rejected,
             sticky_invalid,
             truncated,
+            client_timeouts,
         }
     }
 

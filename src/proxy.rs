@@ -115,6 +115,8 @@ pub struct RequestCtx {
     cut: Option<Cut>,
     /// `OPTIONS *`: answered by the edge once routing would start.
     asterisk: bool,
+    /// The request head as received, for the route's limits.
+    head_size: request::HeadSize,
     /// The next attempt resends on a new connection after a stale pooled one.
     resend: bool,
     /// The current attempt's upstream answered with a non-5xx header.
@@ -274,6 +276,7 @@ impl ProxyHttp for EdgeProxy {
             backend_in_flight: None,
             cut: None,
             asterisk: false,
+            head_size: request::HeadSize::default(),
             resend: false,
             answered: false,
             deadline: None,
@@ -292,6 +295,8 @@ impl ProxyHttp for EdgeProxy {
         // Requests a client sends before reading the previous answer are served in order
         // (RFC 9112 §9.3.2) instead of being dropped with the connection.
         session.set_pipelining_enabled(true);
+        // A request body may pause for at most this long between reads (408 past it).
+        session.set_read_timeout(Some(ctx.snapshot.server.client_timeouts.body));
         let req = session.req_header();
         ctx.request_id = request_id::choose(req.headers.get("x-request-id").map(|v| v.as_bytes()));
         let default_host = || {
@@ -306,7 +311,13 @@ impl ProxyHttp for EdgeProxy {
             Err(rejection) => return reject(ctx, rejection),
         };
         apply(session.req_header_mut(), inspected.target, inspected.host)?;
+        if let Some(length) = inspected.content_length {
+            let req = session.req_header_mut();
+            req.remove_header(&header::CONTENT_LENGTH);
+            req.insert_header(header::CONTENT_LENGTH, length.to_string())?;
+        }
         ctx.asterisk = inspected.asterisk;
+        ctx.head_size = inspected.size;
         if let Some(peer) = session.client_addr().and_then(PeerAddr::as_inet) {
             let req = session.req_header();
             let xff = joined_header(req, "x-forwarded-for");
@@ -332,7 +343,7 @@ impl ProxyHttp for EdgeProxy {
             Ok(None) => return answer(session, ctx, Rejection::NoRoute).await,
             Err(rejection) => return answer(session, ctx, rejection).await,
         };
-        if let Err(rejection) = route.limits.check(session.req_header()) {
+        if let Err(rejection) = route.limits.check(&ctx.head_size) {
             ctx.route = Some(route);
             return answer(session, ctx, rejection).await;
         }
@@ -350,14 +361,14 @@ impl ProxyHttp for EdgeProxy {
         if too_large {
             return answer(session, ctx, Rejection::BodyTooLarge).await;
         }
-        if let Err(rejection) = expect_continue(session).await {
-            return answer(session, ctx, rejection).await;
-        }
         let Some(request) = pool.state.start(pool.max_in_flight) else {
             pool.metrics.rejected_max_in_flight.inc();
             return answer(session, ctx, Rejection::PoolSaturated).await;
         };
         ctx.pool_request = Some(request);
+        if let Err(rejection) = expect_continue(session).await {
+            return answer(session, ctx, rejection).await;
+        }
         (ctx.pin, ctx.pin_expires) = sticky_pin(&pool, session.req_header()).unzip();
         Ok(false)
     }
@@ -634,6 +645,9 @@ impl ProxyHttp for EdgeProxy {
         }
         let rejection = ctx.rejection.or_else(|| Rejection::from_error(e));
         ctx.rejection = rejection;
+        if rejection == Some(Rejection::RequestTimeout) {
+            self.metrics.client_timeouts.count("body");
+        }
         let error_code = match rejection {
             Some(rejection) if !response_started(session) => {
                 match respond(session, ctx, rejection).await {
@@ -650,6 +664,10 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    fn client_timed_out(&self, phase: &'static str) {
+        self.metrics.client_timeouts.count(phase);
+    }
+
     fn upstream_deadline(&self, ctx: &RequestCtx) -> Option<Instant> {
         ctx.deadline
     }
@@ -658,6 +676,9 @@ impl ProxyHttp for EdgeProxy {
         // Before any hook ran: there is no request id yet, so one is made for the answer.
         let rejection = match status {
             405 => Rejection::MethodNotAllowed,
+            408 => Rejection::RequestTimeout,
+            431 => Rejection::HeadersTooLarge("the request header is too large"),
+            501 => Rejection::UnsupportedTransferCoding,
             _ => Rejection::BadRequest("the request is malformed"),
         };
         let request_id = request_id::choose(None);
@@ -859,6 +880,7 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) 
                 | Rejection::HeadersTooLarge(_)
                 | Rejection::UnsupportedTransferCoding
                 | Rejection::ExpectationFailed
+                | Rejection::RequestTimeout
         );
     if !clean || ctx.cut.is_some() || ctx.choice.is_some() {
         session.set_keepalive(None);
@@ -948,7 +970,23 @@ fn route_request(
         EscapedSlashes::Reject => Err(Rejection::BadRequest(
             "the path contains an escaped slash or backslash (`%2F`, `%5C`)",
         )),
-        EscapedSlashes::Keep => Ok(Some(route)),
+        EscapedSlashes::Keep => {
+            // Forwarded as sent, but an upstream that decodes them must find the same route
+            // and no `..` in the decoded path.
+            let merge = snapshot.server.hygiene.merge_slashes;
+            let decoded =
+                path::decode_slashes(req.uri.path(), merge).map_err(Rejection::BadRequest)?;
+            let decoded = path::for_matching(&decoded);
+            match snapshot
+                .router
+                .find(request_host(req), &decoded, &req.method)
+            {
+                Some(again) if Arc::ptr_eq(again, &route) => Ok(Some(route)),
+                _ => Err(Rejection::BadRequest(
+                    "the path routes elsewhere once its escaped slashes are decoded",
+                )),
+            }
+        }
         EscapedSlashes::Decode => {
             let merge = snapshot.server.hygiene.merge_slashes;
             let decoded =
@@ -984,14 +1022,17 @@ async fn answer_options_asterisk(session: &mut Session, ctx: &RequestCtx) -> Res
     Ok(true)
 }
 
-/// Answers `Expect: 100-continue` at the edge, once the request is known to be acceptable,
-/// so the client sends its body without waiting on an upstream; the upstream is not asked.
+/// Answers `Expect: 100-continue` at the edge, once the request is known to be acceptable
+/// (routed, within its limits, admitted by its pool), so the client sends its body without
+/// waiting on an upstream; the upstream is not asked.
 /// Any other expectation is refused (417).
 async fn expect_continue(session: &mut Session) -> std::result::Result<(), Rejection> {
-    let Some(expect) = session.req_header().headers.get(header::EXPECT) else {
+    let mut expectations = session.req_header().headers.get_all(header::EXPECT).iter();
+    let Some(first) = expectations.next() else {
         return Ok(());
     };
-    if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+    let understood = |v: &http::HeaderValue| v.as_bytes().eq_ignore_ascii_case(b"100-continue");
+    if !understood(first) || !expectations.all(understood) {
         return Err(Rejection::ExpectationFailed);
     }
     session.req_header_mut().remove_header(&header::EXPECT);
@@ -1020,7 +1061,7 @@ fn response_started(session: &Session) -> bool {
 
 /// Headers that describe the upstream connection, not the response (RFC 9110 §7.6.1):
 /// `Connection` and the headers it names, and the classic hop-by-hop set. `Upgrade` stays
-/// on a `101`, which needs it.
+/// on a `101` and a `426`, which need it.
 fn strip_hop_by_hop(response: &mut ResponseHeader) {
     let named: Vec<String> = response
         .headers
@@ -1031,16 +1072,19 @@ fn strip_hop_by_hop(response: &mut ResponseHeader) {
         .map(|name| name.trim().to_ascii_lowercase())
         .filter(|name| !name.is_empty() && name != "close" && name != "keep-alive")
         .collect();
+    let upgrading = matches!(response.status.as_u16(), 101 | 426);
     for name in &named {
-        if name != "upgrade" || response.status != 101 {
+        if name != "upgrade" || !upgrading {
             response.remove_header(name.as_str());
         }
     }
     for name in ["keep-alive", "proxy-connection", "te", "trailer"] {
         response.remove_header(name);
     }
-    if response.status != 101 {
+    if !upgrading {
         response.remove_header(&header::UPGRADE);
+    }
+    if response.status != 101 {
         response.remove_header(&header::CONNECTION);
     }
 }

@@ -87,7 +87,9 @@ pub struct Router {
 impl Router {
     /// The best route for this request, if any.
     pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> Option<&Arc<Route>> {
+        // `admin.example.` is `admin.example`, as DNS has it.
         let host = host.map(strip_port).unwrap_or("");
+        let host = host.strip_suffix('.').unwrap_or(host);
         self.routes.iter().find(|route| {
             route.host.matches(host)
                 && prefix_matches(&route.path_prefix, path)
@@ -172,6 +174,23 @@ pub fn compile(
                 format!("{at}.match.path_prefix"),
                 format!("must start with `/` (got `{path_prefix}`)"),
             );
+        } else {
+            // Requests are matched in normalized form: a prefix written otherwise could
+            // never match.
+            let normal = crate::request::path::normalize(&path_prefix, true)
+                .map(|n| n.unwrap_or_else(|| path_prefix.clone()))
+                .map(|n| crate::request::path::for_matching(&n).into_owned());
+            match normal {
+                Ok(normal) if normal == path_prefix => {}
+                Ok(normal) => errors.push(
+                    format!("{at}.match.path_prefix"),
+                    format!("write it normalized, as `{normal}` (got `{path_prefix}`)"),
+                ),
+                Err(why) => errors.push(
+                    format!("{at}.match.path_prefix"),
+                    format!("{why} (got `{path_prefix}`)"),
+                ),
+            }
         }
 
         let mut methods = Vec::new();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::server::{RunArgs, ShutdownWatch};
@@ -23,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::preflight;
 use crate::proxy::EdgeProxy;
 use crate::shutdown::{Drain, Signals};
-use crate::snapshot::{ConfigStore, Snapshot};
+use crate::snapshot::{ConfigStore, ServerSettings, Snapshot};
 use crate::supervisor::Supervisor;
 use crate::tls;
 
@@ -159,6 +160,9 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
             proxy,
             &format!("listener {}", listener.name),
         );
+        if let Some(app) = service.app_logic_mut() {
+            app.server_options = Some(client_options(&snapshot.server));
+        }
         let address = listener.address.to_string();
         match tls {
             Some(settings) => service.add_tls_with_settings(&address, None, settings),
@@ -288,4 +292,20 @@ impl BackgroundService for Task {
     async fn start(&self, _shutdown: ShutdownWatch) {
         (self.0)().await;
     }
+}
+
+/// What Pingora holds a client to while it reads requests: the timeouts of
+/// `server.*_timeout`, and a cap on the bytes of a request head while it is read (every
+/// route's limits fit under it; past it the answer is 431).
+fn client_options(server: &ServerSettings) -> HttpServerOptions {
+    let timeouts = server.client_timeouts;
+    let limits = server.hygiene.ceiling;
+    let mut options = HttpServerOptions::default();
+    options.keepalive_timeout = Some(timeouts.keepalive);
+    options.h2_idle_timeout = Some(timeouts.keepalive);
+    options.request_header_timeout = Some(timeouts.header);
+    options.tls_handshake_timeout = Some(timeouts.tls_handshake);
+    // The request line and every field, with room for the method, version and line ends.
+    options.max_request_header_size = Some(limits.request_line + limits.headers + 1024);
+    options
 }

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use ring::digest;
 
 use crate::config::raw::RawConfig;
+use crate::config::units::Dur;
 use crate::config::{CompileContext, Errors};
 use crate::metrics::{RouteMetrics, NO_ROUTE};
 use crate::pool::{self, Pool};
@@ -63,6 +64,33 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<IpNet>,
     /// Path normalization and request head limits.
     pub hygiene: Hygiene,
+    /// How long a client may take, phase by phase.
+    pub client_timeouts: ClientTimeouts,
+}
+
+/// `server.*_timeout` for clients: what a slow client cannot stretch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// The whole request header, from its first byte.
+    pub header: Duration,
+    /// The longest pause in a request body.
+    pub body: Duration,
+    /// An idle HTTP/1 keep-alive connection, or an HTTP/2 one with no open stream.
+    pub keepalive: Duration,
+    /// A TLS handshake.
+    pub tls_handshake: Duration,
+}
+
+impl Default for ClientTimeouts {
+    /// nginx's `client_header_timeout`, `client_body_timeout` and `keepalive_timeout`.
+    fn default() -> Self {
+        Self {
+            header: Duration::from_secs(60),
+            body: Duration::from_secs(60),
+            keepalive: Duration::from_secs(75),
+            tls_handshake: Duration::from_secs(10),
+        }
+    }
 }
 
 impl ServerSettings {
@@ -320,6 +348,31 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
         "server.request_limits",
         errors,
     );
+    let defaults = ClientTimeouts::default();
+    let mut timeout = |key: &str, value: Option<Dur>, default: Duration| {
+        let value = value.map_or(default, |d| d.0);
+        if value < Duration::from_secs(1) {
+            errors.push(
+                format!("server.{key}"),
+                format!("must be at least 1s (got {value:?})"),
+            );
+        }
+        value
+    };
+    let client_timeouts = ClientTimeouts {
+        header: timeout(
+            "client_header_timeout",
+            s.client_header_timeout,
+            defaults.header,
+        ),
+        body: timeout("client_body_timeout", s.client_body_timeout, defaults.body),
+        keepalive: timeout("keepalive_timeout", s.keepalive_timeout, defaults.keepalive),
+        tls_handshake: timeout(
+            "tls_handshake_timeout",
+            s.tls_handshake_timeout,
+            defaults.tls_handshake,
+        ),
+    };
     let hygiene = Hygiene {
         merge_slashes: s.merge_slashes.unwrap_or(true),
         limits,
@@ -331,6 +384,7 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
         shutdown_delay,
         trusted_proxies,
         hygiene,
+        client_timeouts,
     })
 }
 

@@ -95,6 +95,7 @@ pools:
   app:
     backends: [{{ address: {upstream} }}]
 routes:
+  - {{ name: admin, match: {{ host: admin.example, path_prefix: / }}, pool: app, max_body: 1KiB }}
   - {{ name: limited, match: {{ path_prefix: /limited }}, pool: app, max_body: 1KiB }}
   - {{ name: kept, match: {{ path_prefix: /kept }}, pool: app, escaped_slashes: keep }}
   - {{ name: decoded, match: {{ path_prefix: /decoded }}, pool: app, escaped_slashes: decode }}
@@ -156,6 +157,8 @@ async fn every_spelling_of_a_protected_path_gets_its_routes_policy() {
         "/limited//x",
         "/limited;p=1/x",
         "/limited;/x",
+        "/;/limited/x",
+        "/;x=1/;/limited",
     ] {
         let post = format!(
             "POST {spelling} HTTP/1.1\r\nHost: edge.test\r\nContent-Length: {}\r\n\r\n{body}",
@@ -195,6 +198,7 @@ async fn unsafe_targets_get_400_and_the_connection_is_closed() {
         "/decoded%2F..%2Flimited",
         "/decoded%2F%2E%2E%2Flimited",
         "/decoded/x%2F..%2F..%2Flimited",
+        "/kept/a%2F..%2F..%2Flimited",
     ] {
         let answer = exchange(edge.proxy, &get(target)).await;
         assert_eq!(status(&answer), 400, "{target}: {answer}");
@@ -291,8 +295,7 @@ async fn only_one_chunked_transfer_coding_is_accepted() {
         b"POST / HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: identity\r\n\r\n",
     )
     .await;
-    // Refused as unparsable before any coding is looked at.
-    assert_eq!(status(&identity), 400, "{identity}");
+    assert_eq!(status(&identity), 501, "{identity}");
     let twice = exchange(
         edge.proxy,
         b"POST / HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
@@ -439,4 +442,157 @@ async fn pipelined_requests_are_all_answered_in_order() {
         lines,
         ["GET /1 HTTP/1.1", "POST /2 HTTP/1.1", "GET /3 HTTP/1.1"]
     );
+}
+
+#[tokio::test]
+async fn a_host_with_a_trailing_dot_is_the_same_host() {
+    let edge = edge(capturing_upstream().await).await;
+    let body = "x".repeat(2048);
+    for host in ["admin.example", "ADMIN.example.", "admin.example.:80"] {
+        let post = format!(
+            "POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = exchange(edge.proxy, post.as_bytes()).await;
+        assert_eq!(status(&answer), 413, "{host}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn what_clients_really_send_is_accepted_and_forwarded_cleanly() {
+    let edge = edge(capturing_upstream().await).await;
+    // Browsers leave a lone `%` in queries alone.
+    let answer = exchange(edge.proxy, &get("/q?discount=100%")).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(forwarded_line(&answer), "GET /q?discount=100% HTTP/1.1");
+    // The target limit holds the client to what it sent, not to its escaped form.
+    let quotes = format!("/x/{}", "\"".repeat(900));
+    let answer = exchange(edge.proxy, &get(&quotes)).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    // Identical lengths are forwarded as one.
+    let answer = exchange(
+        edge.proxy,
+        b"POST /x HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 3, 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(forwarded_header(&answer, "content-length"), Some("3"));
+    // An empty port is the default one.
+    let answer = exchange(
+        edge.proxy,
+        b"GET / HTTP/1.1\r\nHost: edge.test:\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 200, "{answer}");
+}
+
+/// A proxy whose client timeouts are all 1 s, with a TLS listener beside the plain one.
+async fn impatient_edge(upstream: SocketAddr) -> (Edge, SocketAddr, tempfile::TempDir) {
+    let certs = tempfile::tempdir().unwrap();
+    common::self_signed(certs.path(), "edge", &["edge.test"]);
+    let p = free_ports(3);
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: public, address: 127.0.0.1:{proxy} }}
+  - name: tls
+    address: 127.0.0.1:{tls}
+    tls: {{ certificates: [{{ cert: {d}/edge.crt, key: {d}/edge.key }}] }}
+admin: {{ address: 127.0.0.1:{admin} }}
+server:
+  client_header_timeout: 1s
+  client_body_timeout: 1s
+  keepalive_timeout: 1s
+  tls_handshake_timeout: 1s
+pools:
+  app:
+    backends: [{{ address: {upstream} }}]
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, pool: app }}
+"#,
+        proxy = p[0],
+        tls = p[1],
+        admin = p[2],
+        d = certs.path().display(),
+    );
+    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[2])).await;
+    (edge, addr(p[1]), certs)
+}
+
+/// Reads until the proxy closes `stream` (bounded by the deadline); returns what came.
+async fn until_closed(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(common::DEADLINE, stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the proxy kept the connection open");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn client_timeouts(edge: &Edge, phase: &str) -> f64 {
+    let series = format!("kingdom_edge_client_timeouts_total{{phase=\"{phase}\"}}");
+    common::metric(&edge.metrics().await, &series)
+}
+
+#[tokio::test]
+async fn a_client_dripping_its_header_is_cut_off_with_408() {
+    let (edge, _, _certs) = impatient_edge(capturing_upstream().await).await;
+    let mut stream = TcpStream::connect(edge.proxy).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    // One byte every 200 ms: each read is quick, the header never ends.
+    let drip = async {
+        for byte in b"X-Slow: ".iter().cycle() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(common::DEADLINE, drip).await;
+    let answer = until_closed(&mut stream).await;
+    assert_eq!(status(&answer), 408, "{answer}");
+    assert!(answer.contains("\"error\":\"request_timeout\""), "{answer}");
+    assert_eq!(client_timeouts(&edge, "header").await, 1.0);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_keepalive_timeout() {
+    let (edge, _, _certs) = impatient_edge(capturing_upstream().await).await;
+    // Kept alive after a request, then idle.
+    let mut used = TcpStream::connect(edge.proxy).await.unwrap();
+    used.write_all(b"GET /x HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut used).await;
+    assert!(answer.contains("Connection: keep-alive"), "{answer}");
+    assert_eq!(until_closed(&mut used).await, "");
+    // Opened and never used.
+    let mut silent = TcpStream::connect(edge.proxy).await.unwrap();
+    assert_eq!(until_closed(&mut silent).await, "");
+    assert_eq!(client_timeouts(&edge, "keepalive").await, 2.0);
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let (edge, _, _certs) = impatient_edge(capturing_upstream().await).await;
+    let mut stream = TcpStream::connect(edge.proxy).await.unwrap();
+    stream
+        .write_all(b"POST /x HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut stream).await;
+    assert_eq!(status(&answer), 408, "{answer}");
+    assert_eq!(client_timeouts(&edge, "body").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed() {
+    let (edge, tls, _certs) = impatient_edge(capturing_upstream().await).await;
+    let mut stream = TcpStream::connect(tls).await.unwrap();
+    // A ClientHello's first bytes, then nothing.
+    stream.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    assert_eq!(until_closed(&mut stream).await, "");
+    common::wait_for("the handshake timeout to be counted", || {
+        let edge = &edge;
+        async move { (client_timeouts(edge, "tls_handshake").await == 1.0).then_some(()) }
+    })
+    .await;
 }

@@ -38,6 +38,14 @@ pub struct RawServer {
     /// Peers whose `X-Forwarded-*` headers are believed. Default: none.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The whole request header, from its first byte (408 past it). Default: 60s.
+    pub client_header_timeout: Option<Dur>,
+    /// Longest pause while a request body arrives (408 past it). Default: 60s.
+    pub client_body_timeout: Option<Dur>,
+    /// How long an idle keep-alive (or HTTP/2) connection is kept. Default: 75s.
+    pub keepalive_timeout: Option<Dur>,
+    /// How long a TLS handshake may take. Default: 10s.
+    pub tls_handshake_timeout: Option<Dur>,
     /// Merge repeated slashes in request paths (`//a///b` is `/a/b`). Default: true.
     pub merge_slashes: Option<bool>,
     /// Request head limits. Default: 8KiB target, 8KiB per field, 32KiB in all, 100 fields.

@@ -9,10 +9,11 @@ use super::path::{self, Refusal};
 pub fn validate(value: &str) -> Result<&str, Refusal> {
     let (name, port) = split_port(value)?;
     if let Some(port) = port {
-        let valid = !port.is_empty()
-            && port.len() <= 5
-            && port.bytes().all(|b| b.is_ascii_digit())
-            && port.parse::<u32>().is_ok_and(|p| (1..=65_535).contains(&p));
+        // RFC 3986 allows an empty port (`host:`): the scheme's default.
+        let valid = port.is_empty()
+            || (port.len() <= 5
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u32>().is_ok_and(|p| (1..=65_535).contains(&p)));
         if !valid {
             return Err("the Host port must be a number from 1 to 65535");
         }
@@ -69,6 +70,7 @@ mod tests {
             ("[::1]", "[::1]"),
             ("[2001:db8::1]:65535", "[2001:db8::1]"),
             ("under_score", "under_score"),
+            ("a.example:", "a.example"),
         ] {
             assert_eq!(validate(value), Ok(name), "{value}");
         }
@@ -83,7 +85,6 @@ mod tests {
             "a<script>",
             "h:99999",
             "h:0",
-            "h:",
             "h:8a",
             "a:1:2",
             "[::1",

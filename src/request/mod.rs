@@ -93,33 +93,68 @@ impl HeadLimits {
         }
     }
 
-    /// Checks `req` against these limits.
-    pub fn check(&self, req: &RequestHeader) -> Result<(), Rejection> {
-        if req.raw_path().len() > self.request_line {
+    /// Checks a request head of `size` against these limits.
+    pub fn check(&self, size: &HeadSize) -> Result<(), Rejection> {
+        if size.target > self.request_line {
             return Err(Rejection::UriTooLong);
         }
-        if req.headers.len() > self.header_count {
+        if size.fields > self.header_count {
             return Err(Rejection::HeadersTooLarge(
                 "the request has too many header fields",
             ));
         }
-        let mut total = 0;
-        for (name, value) in &req.headers {
-            // As on the wire: `name: value\r\n`.
-            let size = name.as_str().len() + value.len() + 4;
-            if size > self.header {
-                return Err(Rejection::HeadersTooLarge(
-                    "a request header field is too large",
-                ));
-            }
-            total += size;
+        if size.largest_field > self.header {
+            return Err(Rejection::HeadersTooLarge(
+                "a request header field is too large",
+            ));
         }
-        if total > self.headers {
+        if size.total > self.headers {
             return Err(Rejection::HeadersTooLarge(
                 "the request header is too large",
             ));
         }
         Ok(())
+    }
+}
+
+/// How large a request head is, as the client sent it (measured before normalization
+/// changes it, so the limits hold the client to what it sent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeadSize {
+    /// Bytes of the request target.
+    pub target: usize,
+    /// Header fields; the `cookie` fields count as one, as HTTP/2 clients split them.
+    pub fields: usize,
+    /// Bytes of the largest field (`name: value\r\n`; the cookies joined).
+    pub largest_field: usize,
+    /// Bytes of all fields.
+    pub total: usize,
+}
+
+impl HeadSize {
+    /// Measures `req`.
+    pub fn of(req: &RequestHeader) -> Self {
+        let mut size = HeadSize {
+            target: req.raw_path().len(),
+            ..HeadSize::default()
+        };
+        let mut cookies = 0;
+        for (name, value) in &req.headers {
+            // As on the wire: `name: value\r\n`.
+            let bytes = name.as_str().len() + value.len() + 4;
+            size.total += bytes;
+            if name == header::COOKIE {
+                cookies += value.len() + 2;
+                continue;
+            }
+            size.fields += 1;
+            size.largest_field = size.largest_field.max(bytes);
+        }
+        if cookies > 0 {
+            size.fields += 1;
+            size.largest_field = size.largest_field.max(cookies + "cookie: ".len());
+        }
+        size
     }
 }
 
@@ -154,6 +189,10 @@ pub struct Inspected {
     pub host: Option<String>,
     /// `OPTIONS *`: asks about the server, answered by the edge.
     pub asterisk: bool,
+    /// A single `Content-Length` to forward in place of identical repeated ones.
+    pub content_length: Option<u64>,
+    /// The head as received, for the route's limits.
+    pub size: HeadSize,
 }
 
 /// Checks a request head before routing: limits, framing, target form and path, host.
@@ -163,9 +202,13 @@ pub fn inspect(
     hygiene: &Hygiene,
     default_host: impl FnOnce() -> String,
 ) -> Result<Inspected, Rejection> {
-    hygiene.ceiling.check(req)?;
-    check_framing(req)?;
-    let mut out = Inspected::default();
+    let size = HeadSize::of(req);
+    hygiene.ceiling.check(&size)?;
+    let mut out = Inspected {
+        size,
+        content_length: check_framing(req)?,
+        ..Inspected::default()
+    };
     let raw = req.raw_path();
     let mut authority = None;
     if raw == b"*" {
@@ -258,13 +301,24 @@ fn choose_host(
     Ok(to_set)
 }
 
-/// `chunked` is the only transfer coding the edge understands, sent once.
-fn check_framing(req: &RequestHeader) -> Result<(), Rejection> {
-    let lengths = req.headers.get_all(header::CONTENT_LENGTH);
-    let mut iter = lengths.iter();
-    if let Some(first) = iter.next() {
-        if iter.any(|other| other != first) {
-            return Err(Rejection::BadRequest("conflicting Content-Length headers"));
+/// `chunked` is the only transfer coding the edge understands, sent once. Repeated
+/// `Content-Length` values must agree; when there is more than one, the length to forward
+/// alone is returned.
+fn check_framing(req: &RequestHeader) -> Result<Option<u64>, Rejection> {
+    let mut lengths = req
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("x").split(','))
+        .map(|v| v.trim().parse::<u64>());
+    let mut repeated = None;
+    if let Some(first) = lengths.next() {
+        let first = first.map_err(|_| Rejection::BadRequest("an invalid Content-Length"))?;
+        for other in lengths {
+            if other != Ok(first) {
+                return Err(Rejection::BadRequest("conflicting Content-Length headers"));
+            }
+            repeated = Some(first);
         }
     }
     let mut codings = req.headers.get_all(header::TRANSFER_ENCODING).iter();
@@ -281,7 +335,7 @@ fn check_framing(req: &RequestHeader) -> Result<(), Rejection> {
             return Err(Rejection::UnsupportedTransferCoding);
         }
     }
-    Ok(())
+    Ok(repeated)
 }
 
 #[cfg(test)]
@@ -411,6 +465,18 @@ mod tests {
             ],
         ));
         assert!(matches!(lengths, Err(Rejection::BadRequest(_))));
+        let same = run(&request(
+            "POST",
+            "/",
+            &[("host", "a"), ("content-length", "3, 3")],
+        ));
+        assert_eq!(same.unwrap().content_length, Some(3));
+        let one = run(&request(
+            "POST",
+            "/",
+            &[("host", "a"), ("content-length", "3")],
+        ));
+        assert_eq!(one.unwrap().content_length, None);
     }
 
     #[test]
@@ -422,12 +488,15 @@ mod tests {
             header_count: 3,
         };
         let ok = request("GET", "/short", &[("host", "a")]);
-        assert_eq!(limits.check(&ok), Ok(()));
+        assert_eq!(limits.check(&HeadSize::of(&ok)), Ok(()));
         let long = request("GET", "/a-rather-long-path", &[]);
-        assert_eq!(limits.check(&long), Err(Rejection::UriTooLong));
+        assert_eq!(
+            limits.check(&HeadSize::of(&long)),
+            Err(Rejection::UriTooLong)
+        );
         let big = request("GET", "/", &[("x-big", &"v".repeat(30))]);
         assert!(matches!(
-            limits.check(&big),
+            limits.check(&HeadSize::of(&big)),
             Err(Rejection::HeadersTooLarge(_))
         ));
         let many = request(
@@ -436,7 +505,7 @@ mod tests {
             &[("a", "1"), ("b", "1"), ("c", "1"), ("d", "1")],
         );
         assert!(matches!(
-            limits.check(&many),
+            limits.check(&HeadSize::of(&many)),
             Err(Rejection::HeadersTooLarge(_))
         ));
         let total = request(
@@ -449,8 +518,23 @@ mod tests {
             ],
         );
         assert!(matches!(
-            limits.check(&total),
+            limits.check(&HeadSize::of(&total)),
             Err(Rejection::HeadersTooLarge(_))
         ));
+        let cookies = request(
+            "GET",
+            "/",
+            &[
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
+                ("cookie", "c=3"),
+                ("cookie", "d=4"),
+            ],
+        );
+        assert_eq!(
+            limits.check(&HeadSize::of(&cookies)),
+            Ok(()),
+            "cookies count as one"
+        );
     }
 }

@@ -347,12 +347,29 @@ where
             }
             Err(mut e) => {
                 e.as_down();
-                if matches!(e.etype, InvalidHTTPHeader) {
+                // kingdom-edge patch: each refusal of a request head gets its own status,
+                // and timeouts are reported to the proxy.
+                use pingora_core::protocols::http::v1::server as v1;
+                let status = match e.etype {
+                    InvalidHTTPHeader => Some(400),
+                    ref t if *t == v1::REQUEST_HEADER_TIMEOUT => {
+                        self.inner.client_timed_out("header");
+                        Some(408)
+                    }
+                    ref t if *t == v1::REQUEST_HEADER_TOO_LARGE => Some(431),
+                    ref t if *t == v1::UNSUPPORTED_TRANSFER_CODING => Some(501),
+                    ref t if *t == v1::KEEPALIVE_TIMEOUT => {
+                        self.inner.client_timed_out("keepalive");
+                        return None;
+                    }
+                    _ => None,
+                };
+                if let Some(status) = status {
                     debug!(
                         "Fail to proxy: {e}, downstream session type: {}",
                         downstream_session.session_type()
                     );
-                    self.respond_early_error(&mut downstream_session, 400).await;
+                    self.respond_early_error(&mut downstream_session, status).await;
                 } else {
                     // otherwise the connection must be broken, no need to send anything
                     error!(
@@ -1562,6 +1579,11 @@ where
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
+    /// kingdom-edge patch: forwarded to [`ProxyHttp::client_timed_out`].
+    fn client_timed_out(&self, phase: &'static str) {
+        self.inner.client_timed_out(phase);
+    }
+
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: HttpSession,

@@ -715,6 +715,11 @@ pub trait ProxyHttp {
         None
     }
 
+    /// kingdom-edge patch: a client ran out of time before a request began: `"tls_handshake"`,
+    /// `"keepalive"` (idle between requests), `"header"` (answered with
+    /// [`Self::early_error_response`]`(408)`) or `"h2_idle"`. Its connection is closed.
+    fn client_timed_out(&self, _phase: &'static str) {}
+
     /// kingdom-edge patch: when the exchange with the upstream chosen in
     /// [`Self::upstream_peer`] must end, whatever the per-read timeouts say. Past it the
     /// exchange fails with an upstream `ReadTimedout`. `None` (the default): no deadline.
