@@ -309,6 +309,13 @@ async fn only_one_chunked_transfer_coding_is_accepted() {
     .await;
     assert_eq!(status(&chunked), 200, "{chunked}");
     assert!(chunked.ends_with("3\r\nabc\r\n0\r\n\r\n"), "{chunked}");
+    // A chunk-size line must end in CRLF.
+    let bare_lf = exchange(
+        edge.proxy,
+        b"POST / HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&bare_lf), 400, "{bare_lf}");
 }
 
 #[tokio::test]
