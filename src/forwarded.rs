@@ -96,6 +96,7 @@ mod tests {
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
             hygiene: Default::default(),
             client_timeouts: Default::default(),
+            max_connections: None,
         }
     }
 

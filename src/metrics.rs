@@ -27,6 +27,13 @@ pub struct Metrics {
     truncated: IntCounterVec,
     /// Client connections closed because the client ran out of time.
     pub client_timeouts: ClientTimeouts,
+    /// Client connections open now, over all listeners (exported; the exact count is
+    /// `open_connections`).
+    pub client_connections: IntGauge,
+    /// The count behind `client_connections`, updated atomically against the cap.
+    pub open_connections: std::sync::atomic::AtomicUsize,
+    /// Client connections closed at once because `server.max_connections` were open.
+    pub connections_refused: IntCounter,
 }
 
 /// `kingdom_edge_client_timeouts_total{phase}`, one handle per phase.
@@ -154,8 +161,20 @@ impl Metrics {
             body: phase("body"),
             h2_idle: phase("h2_idle"),
         };
+        let client_connections = IntGauge::new(
+            "kingdom_edge_client_connections",
+            "Client connections open now, over all listeners.",
+        )
+        .expect("static metric definition");
+        let connections_refused = IntCounter::new(
+            "kingdom_edge_connections_refused_total",
+            "Client connections closed at once because server.max_connections were open.",
+        )
+        .expect("static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(client_connections.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(client_timeouts_vec.clone()),
             Box::new(duration.clone()),
             Box::new(upstream.clone()),
@@ -188,6 +207,9 @@ impl Metrics {
             sticky_invalid,
             truncated,
             client_timeouts,
+            client_connections,
+            open_connections: std::sync::atomic::AtomicUsize::new(0),
+            connections_refused,
         }
     }
 

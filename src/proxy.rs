@@ -63,6 +63,8 @@ pub struct EdgeProxy {
     tls: bool,
     /// Set from SIGTERM on: HTTP/1 responses close their connection.
     draining: Arc<AtomicBool>,
+    /// `server.max_connections`, over all listeners.
+    max_connections: Option<usize>,
 }
 
 impl EdgeProxy {
@@ -75,7 +77,9 @@ impl EdgeProxy {
         tls: bool,
         draining: Arc<AtomicBool>,
     ) -> Self {
+        let max_connections = store.load().server.max_connections;
         Self {
+            max_connections,
             store,
             metrics,
             access_log,
@@ -666,6 +670,26 @@ impl ProxyHttp for EdgeProxy {
 
     fn client_timed_out(&self, phase: &'static str) {
         self.metrics.client_timeouts.count(phase);
+    }
+
+    fn admit_connection(&self) -> bool {
+        let max = self.max_connections.unwrap_or(usize::MAX);
+        let admitted = self.metrics.open_connections.fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |open| (open < max).then_some(open + 1),
+        );
+        if admitted.is_err() {
+            self.metrics.connections_refused.inc();
+            return false;
+        }
+        self.metrics.client_connections.inc();
+        true
+    }
+
+    fn connection_closed(&self) {
+        self.metrics.open_connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.client_connections.dec();
     }
 
     fn upstream_deadline(&self, ctx: &RequestCtx) -> Option<Instant> {

@@ -66,6 +66,8 @@ pub struct ServerSettings {
     pub hygiene: Hygiene,
     /// How long a client may take, phase by phase.
     pub client_timeouts: ClientTimeouts,
+    /// Most client connections open at once; `None` is no cap.
+    pub max_connections: Option<usize>,
 }
 
 /// `server.*_timeout` for clients: what a slow client cannot stretch.
@@ -348,6 +350,10 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
         "server.request_limits",
         errors,
     );
+    if s.max_connections == Some(0) {
+        errors.push("server.max_connections", "must be > 0 (got 0)");
+    }
+    let max_connections = s.max_connections;
     let defaults = ClientTimeouts::default();
     let mut timeout = |key: &str, value: Option<Dur>, default: Duration| {
         let value = value.map_or(default, |d| d.0);
@@ -385,6 +391,7 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
         trusted_proxies,
         hygiene,
         client_timeouts,
+        max_connections,
     })
 }
 

@@ -603,3 +603,49 @@ async fn a_stalled_tls_handshake_is_closed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_connection_cap_refuses_new_connections_and_spares_open_ones() {
+    let upstream = capturing_upstream().await;
+    let p = free_ports(2);
+    let yaml = format!(
+        "server: {{ max_connections: 3 }}\nlisteners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools:\n  app:\n    backends: [{{ address: {upstream} }}]\nroutes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]\n",
+        p[0], p[1]
+    );
+    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let request = b"GET /x HTTP/1.1\r\nHost: edge.test\r\n\r\n";
+    let metric = |name: &'static str| {
+        let edge = &edge;
+        async move { common::metric(&edge.metrics().await, name) }
+    };
+    common::wait_for("earlier probes' connections to close", || async {
+        (metric("kingdom_edge_client_connections").await == 0.0).then_some(())
+    })
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(edge.proxy).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        assert_eq!(status(&read_answer(&mut stream).await), 200);
+        open.push(stream);
+    }
+    // The fourth is accepted by the kernel, then closed at once.
+    let mut refused = TcpStream::connect(edge.proxy).await.unwrap();
+    let _ = refused.write_all(request).await;
+    assert_eq!(until_closed(&mut refused).await, "");
+    assert_eq!(metric("kingdom_edge_connections_refused_total").await, 1.0);
+    // The open ones are unaffected.
+    for stream in &mut open {
+        stream.write_all(request).await.unwrap();
+        assert_eq!(status(&read_answer(stream).await), 200);
+    }
+    // A slot freed is a slot for a new client.
+    drop(open.pop());
+    common::wait_for("the closed connection to be counted", || async {
+        (metric("kingdom_edge_client_connections").await == 2.0).then_some(())
+    })
+    .await;
+    let mut next = TcpStream::connect(edge.proxy).await.unwrap();
+    next.write_all(request).await.unwrap();
+    assert_eq!(status(&read_answer(&mut next).await), 200);
+}

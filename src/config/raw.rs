@@ -46,6 +46,8 @@ pub struct RawServer {
     pub keepalive_timeout: Option<Dur>,
     /// How long a TLS handshake may take. Default: 10s.
     pub tls_handshake_timeout: Option<Dur>,
+    /// Most client connections open at once, over all listeners. Default: no cap.
+    pub max_connections: Option<usize>,
     /// Merge repeated slashes in request paths (`//a///b` is `/a/b`). Default: true.
     pub merge_slashes: Option<bool>,
     /// Request head limits. Default: 8KiB target, 8KiB per field, 32KiB in all, 100 fields.

@@ -1584,6 +1584,16 @@ where
         self.inner.client_timed_out(phase);
     }
 
+    /// kingdom-edge patch: forwarded to [`ProxyHttp::admit_connection`].
+    fn admit_connection(&self) -> bool {
+        self.inner.admit_connection()
+    }
+
+    /// kingdom-edge patch: forwarded to [`ProxyHttp::connection_closed`].
+    fn connection_closed(&self) {
+        self.inner.connection_closed();
+    }
+
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: HttpSession,

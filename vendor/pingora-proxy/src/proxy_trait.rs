@@ -720,6 +720,15 @@ pub trait ProxyHttp {
     /// [`Self::early_error_response`]`(408)`) or `"h2_idle"`. Its connection is closed.
     fn client_timed_out(&self, _phase: &'static str) {}
 
+    /// kingdom-edge patch: whether to keep a newly accepted client connection (`false`
+    /// closes it at once). Each `true` is followed by one [`Self::connection_closed`].
+    fn admit_connection(&self) -> bool {
+        true
+    }
+
+    /// kingdom-edge patch: an admitted client connection ended.
+    fn connection_closed(&self) {}
+
     /// kingdom-edge patch: when the exchange with the upstream chosen in
     /// [`Self::upstream_peer`] must end, whatever the per-read timeouts say. Past it the
     /// exchange fails with an upstream `ReadTimedout`. `None` (the default): no deadline.

@@ -66,6 +66,16 @@ pub trait ServerApp {
     /// kingdom-edge patch: a client ran out of time in `phase` (`"tls_handshake"`,
     /// `"keepalive"`, `"header"`, `"h2_idle"`), and its connection is being closed.
     fn client_timed_out(&self, _phase: &'static str) {}
+
+    /// kingdom-edge patch: called for each accepted connection before anything is read from
+    /// it. `false` closes it at once (a connection cap); `true` must be paired with one
+    /// [`Self::connection_closed`] when the connection ends.
+    fn admit_connection(&self) -> bool {
+        true
+    }
+
+    /// kingdom-edge patch: an admitted connection ended.
+    fn connection_closed(&self) {}
 }
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]
@@ -274,6 +284,14 @@ pub trait HttpServerApp {
     /// kingdom-edge patch: see [`ServerApp::client_timed_out`].
     fn client_timed_out(&self, _phase: &'static str) {}
 
+    /// kingdom-edge patch: see [`ServerApp::admit_connection`].
+    fn admit_connection(&self) -> bool {
+        true
+    }
+
+    /// kingdom-edge patch: see [`ServerApp::connection_closed`].
+    fn connection_closed(&self) {}
+
     #[doc(hidden)]
     async fn process_custom_session(
         self: Arc<Self>,
@@ -418,6 +436,14 @@ where
 
     fn client_timed_out(&self, phase: &'static str) {
         HttpServerApp::client_timed_out(self, phase)
+    }
+
+    fn admit_connection(&self) -> bool {
+        HttpServerApp::admit_connection(self)
+    }
+
+    fn connection_closed(&self) {
+        HttpServerApp::connection_closed(self)
     }
 }
 

@@ -186,6 +186,15 @@ impl<A> Service<A> {
     }
 }
 
+/// kingdom-edge patch: one admitted connection, reported closed when dropped.
+struct OpenConnection<A: ServerApp>(Arc<A>);
+
+impl<A: ServerApp> Drop for OpenConnection<A> {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}
+
 impl<A: ServerApp + Send + Sync + 'static> Service<A> {
     pub async fn handle_event(event: Stream, app_logic: Arc<A>, shutdown: ShutdownWatch) {
         debug!("new event!");
@@ -225,10 +234,14 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 }
             };
             match new_io {
+                // kingdom-edge patch: past the app's connection cap, a new connection is
+                // closed at once, before the handshake, so the open ones are unaffected.
+                Ok(io) if !app_logic.admit_connection() => drop(io),
                 Ok(io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
                     current_handle().spawn(async move {
+                        let _open = OpenConnection(app.clone());
                         let peer_addr = io.peer_addr();
                         // kingdom-edge patch: the app decides the handshake deadline.
                         let handshake_timeout = app.tls_handshake_timeout();
