@@ -977,58 +977,40 @@ fn route_request(
     snapshot: &Snapshot,
     req: &mut RequestHeader,
 ) -> std::result::Result<Option<Arc<Route>>, Rejection> {
-    let find = |req: &RequestHeader| {
-        let path = path::for_matching(req.uri.path());
-        snapshot
-            .router
-            .find(request_host(req), &path, &req.method)
-            .cloned()
+    let find = |host: Option<&str>, path: &str, method: &http::Method| {
+        let path = path::for_matching(path);
+        snapshot.router.find(host, &path, method).cloned()
     };
-    let Some(route) = find(req) else {
+    let Some(route) = find(request_host(req), req.uri.path(), &req.method) else {
         return Ok(None);
     };
     if !path::has_escaped_slashes(req.uri.path()) {
         return Ok(Some(route));
     }
-    match route.escaped_slashes {
-        EscapedSlashes::Reject => Err(Rejection::BadRequest(
+    if route.escaped_slashes == EscapedSlashes::Reject {
+        return Err(Rejection::BadRequest(
             "the path contains an escaped slash or backslash (`%2F`, `%5C`)",
-        )),
-        EscapedSlashes::Keep => {
-            // Forwarded as sent, but an upstream that decodes them must find the same route
-            // and no `..` in the decoded path.
-            let merge = snapshot.server.hygiene.merge_slashes;
-            let decoded =
-                path::decode_slashes(req.uri.path(), merge).map_err(Rejection::BadRequest)?;
-            let decoded = path::for_matching(&decoded);
-            match snapshot
-                .router
-                .find(request_host(req), &decoded, &req.method)
-            {
-                Some(again) if Arc::ptr_eq(again, &route) => Ok(Some(route)),
-                _ => Err(Rejection::BadRequest(
-                    "the path routes elsewhere once its escaped slashes are decoded",
-                )),
-            }
-        }
-        EscapedSlashes::Decode => {
-            let merge = snapshot.server.hygiene.merge_slashes;
-            let decoded =
-                path::decode_slashes(req.uri.path(), merge).map_err(Rejection::BadRequest)?;
-            let target = match req.uri.query() {
-                Some(query) => format!("{decoded}?{query}"),
-                None => decoded,
-            };
-            apply(req, Some(target), None).map_err(|_| Rejection::BadRequest("bad path"))?;
-            // Decoding must not move the request to another route's policies.
-            match find(req) {
-                Some(again) if Arc::ptr_eq(&again, &route) => Ok(Some(route)),
-                _ => Err(Rejection::BadRequest(
-                    "the path routes elsewhere once its escaped slashes are decoded",
-                )),
-            }
-        }
+        ));
     }
+    // Kept or decoded, the path must still be this route's once decoded (and hold no `..`):
+    // an upstream that decodes them must not find another route's path.
+    let merge = snapshot.server.hygiene.merge_slashes;
+    let decoded = path::decode_slashes(req.uri.path(), merge).map_err(Rejection::BadRequest)?;
+    let again = find(request_host(req), &decoded, &req.method);
+    if !again.is_some_and(|again| Arc::ptr_eq(&again, &route)) {
+        return Err(Rejection::BadRequest(
+            "the path routes elsewhere once its escaped slashes are decoded",
+        ));
+    }
+    if route.escaped_slashes == EscapedSlashes::Decode {
+        let target = match req.uri.query() {
+            Some(query) => format!("{decoded}?{query}"),
+            None => decoded,
+        };
+        apply(req, Some(target), None)
+            .map_err(|_| Rejection::BadRequest("the decoded path is not a valid target"))?;
+    }
+    Ok(Some(route))
 }
 
 /// `OPTIONS *` asks what the server supports: the edge answers it.
@@ -1087,20 +1069,23 @@ fn response_started(session: &Session) -> bool {
 /// `Connection` and the headers it names, and the classic hop-by-hop set. `Upgrade` stays
 /// on a `101` and a `426`, which need it.
 fn strip_hop_by_hop(response: &mut ResponseHeader) {
+    // Names other than `close`, `keep-alive` and `upgrade` (handled below) are copied, to be
+    // removed once the map is no longer borrowed; most responses name none, and allocate
+    // nothing here.
+    const HANDLED: [&str; 3] = ["close", "keep-alive", "upgrade"];
     let named: Vec<String> = response
         .headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .filter(|name| !name.is_empty() && name != "close" && name != "keep-alive")
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && !HANDLED.iter().any(|h| name.eq_ignore_ascii_case(h)))
+        .map(str::to_ascii_lowercase)
         .collect();
     let upgrading = matches!(response.status.as_u16(), 101 | 426);
     for name in &named {
-        if name != "upgrade" || !upgrading {
-            response.remove_header(name.as_str());
-        }
+        response.remove_header(name.as_str());
     }
     for name in ["keep-alive", "proxy-connection", "te", "trailer"] {
         response.remove_header(name);
