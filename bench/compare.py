@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,18 @@ class Bench:
         self.work = Path(work)
         self.servers = []
         self.tools = Path(args.tools)
+        self.cert, self.key, self.pem = self.make_certificate()
+
+    def make_certificate(self):
+        """A throwaway ECDSA certificate for the TLS listeners (HAProxy wants cert and key in one file)."""
+        cert, key, pem = self.work / "cert.pem", self.work / "key.pem", self.work / "haproxy.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=bench"],
+            capture_output=True, check=True,
+        )
+        pem.write_text(cert.read_text() + key.read_text())
+        return cert, key, pem
 
     def spawn(self, name, argv, port, log):
         path = self.work / f"{log}.out"
@@ -169,7 +182,7 @@ http {{
         return self.spawn("origin", ["nginx", "-c", str(conf), "-p", str(self.work)], ports[0], "origin")
 
     def start_nginx(self, threads, log, origins):
-        port = free_port()
+        port, tls_port = free_port(), free_port()
         conf = self.work / f"nginx-{threads}-{log}.conf"
         access = f"access_log {self.work}/nginx-access.log;" if log else "access_log off;"
         servers = "\n".join(f"    server 127.0.0.1:{p};" for p in origins)
@@ -193,6 +206,9 @@ http {{
   }}
   server {{
     listen 127.0.0.1:{port};
+    listen 127.0.0.1:{tls_port} ssl;
+    ssl_certificate {self.cert};
+    ssl_certificate_key {self.key};
     location / {{
       proxy_pass http://origin;
       proxy_http_version 1.1;
@@ -202,10 +218,12 @@ http {{
 }}
 """)
         (self.work / "tmp-nginx").mkdir(exist_ok=True)
-        return self.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(self.work)], port, f"nginx-{threads}-{log}")
+        server = self.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(self.work)], port, f"nginx-{threads}-{log}")
+        server.extra["tls"] = tls_port
+        return server
 
     def start_haproxy(self, threads, log, origins):
-        port = free_port()
+        port, tls_port = free_port(), free_port()
         conf = self.work / f"haproxy-{threads}-{log}.cfg"
         servers = "\n".join(f"  server o{i} 127.0.0.1:{p}" for i, p in enumerate(origins))
         logging = ("  log stdout format raw local0\n", "  log global\n  option httplog\n") if log else ("", "")
@@ -226,22 +244,29 @@ defaults
 
 frontend bench
   bind 127.0.0.1:{port}
+  bind 127.0.0.1:{tls_port} ssl crt {self.pem}
   default_backend origin
 
 backend origin
   balance roundrobin
 {servers}
 """)
-        return self.spawn("haproxy", ["haproxy", "-db", "-f", str(conf)], port, f"haproxy-{threads}-{log}")
+        server = self.spawn("haproxy", ["haproxy", "-db", "-f", str(conf)], port, f"haproxy-{threads}-{log}")
+        server.extra["tls"] = tls_port
+        return server
 
     def start_kingdom(self, threads, log, origins):
-        port, admin = free_port(), free_port()
+        port, tls_port, admin = free_port(), free_port(), free_port()
         conf = self.work / f"kingdom-{threads}-{log}.yaml"
         access = f"{self.work}/kingdom-access.log" if log else "off"
         backends = ", ".join(f"{{ address: 127.0.0.1:{p} }}" for p in origins)
         conf.write_text(f"""
 server: {{ threads: {threads}, shutdown_timeout: 5s }}
-listeners: [{{ name: bench, address: 127.0.0.1:{port} }}]
+listeners:
+  - {{ name: bench, address: 127.0.0.1:{port} }}
+  - name: bench-tls
+    address: 127.0.0.1:{tls_port}
+    tls: {{ certificates: [{{ cert: {self.cert}, key: {self.key} }}] }}
 admin: {{ address: 127.0.0.1:{admin} }}
 pools:
   origin:
@@ -257,6 +282,7 @@ access_log: {{ output: {access} }}
             f"kingdom-{threads}-{log}",
         )
         server.extra["admin"] = admin
+        server.extra["tls"] = tls_port
         return server
 
     def start(self, name, threads, log, origins):
@@ -300,25 +326,32 @@ access_log: {{ output: {access} }}
             raise RuntimeError(f"{server.name}: success rate {success} at {rate} req/s")
         return pct["p50"] * 1e3, pct["p99"] * 1e3, pct["p99.9"] * 1e3
 
-    def memory(self, server, n):
+    def memory(self, server, n, tls=False):
         """PSS at rest, then PSS per idle keep-alive connection that has served one request."""
         for _ in range(10):
             http_get(server.port)
         time.sleep(1)  # let allocator and kernel accounting settle after startup
         rest = pss_bytes(server.pids())
-        held = asyncio.run(hold_idle_connections(server.port, n, lambda: pss_bytes(server.pids())))
+        port = server.extra["tls"] if tls else server.port
+        held = asyncio.run(hold_idle_connections(port, n, lambda: pss_bytes(server.pids()), tls))
         return rest, (held - rest) / n
 
 
-async def hold_idle_connections(port, n, measure):
-    """Opens n connections, completes one request on each, measures while all are idle."""
+async def hold_idle_connections(port, n, measure, tls=False):
+    """Opens n connections (TLS: HTTP/1.1 over TLS 1.3), completes one request on each,
+    measures while all are idle."""
     request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
     conns = []
     sem = asyncio.Semaphore(500)
+    context = None
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
 
     async def one():
         async with sem:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
             writer.write(request)
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
@@ -326,7 +359,7 @@ async def hold_idle_connections(port, n, measure):
             await reader.readexactly(length)
             conns.append(writer)
 
-    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), timeout=120)
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), timeout=300)
     await asyncio.sleep(1)
     value = measure()
     for writer in conns:
@@ -376,6 +409,8 @@ def main():
     parser.add_argument("--idle", type=int, default=5000, help="idle keep-alive connections")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--out", help="also write the report here")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure only memory (at rest, idle plain and TLS connections), log off")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the `finally` below stops every process started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -390,14 +425,14 @@ def main():
             assert BODY.strip() in http_get(origins[0])
             direct = []
             for threads in threads_list:
-                for log in (False, True):
+                for log in ((False,) if args.memory_only else (False, True)):
                     tag = f"{threads} thread{'s' if threads > 1 else ''}, log {'on' if log else 'off'}"
                     servers = {p: bench.start(p, threads, log, origins) for p in PROXIES}
                     for s in servers.values():
                         assert BODY.strip() in http_get(s.port), f"{s.name} does not proxy"
                     rps = {p: [] for p in PROXIES}
                     cpu = {p: [] for p in PROXIES}
-                    for r in range(args.rounds):
+                    for r in range(0 if args.memory_only else args.rounds):
                         for p in PROXIES:
                             value, us = bench.throughput(servers[p])
                             rps[p].append(value)
@@ -408,30 +443,37 @@ def main():
                             direct.append(value)
                     # Half the slowest proxy's throughput: a load all three can carry, so the
                     # percentiles compare latency rather than show one proxy's overload.
-                    rate = max(100, int(min(statistics.median(rps[p]) for p in PROXIES) * 0.5))
+                    rate = 0 if args.memory_only else max(100, int(min(statistics.median(rps[p]) for p in PROXIES) * 0.5))
                     lat = {p: ([], [], []) for p in PROXIES}
-                    for r in range(args.rounds):
+                    for r in range(0 if args.memory_only else args.rounds):
                         for p in PROXIES:
                             p50, p99, p999 = bench.latency(servers[p], rate)
                             for i, v in enumerate((p50, p99, p999)):
                                 lat[p][i].append(v)
                             print(f"[{tag}] round {r + 1}: {p} at {rate} req/s p50 {p50:.2f} p99 {p99:.2f} p99.9 {p999:.2f} ms", file=sys.stderr)
-                    rows.append((f"throughput, req/s ({tag})", rps, lambda v: f"{v:,.0f}", {}))
-                    rows.append((f"CPU per request, µs ({tag})", cpu, lambda v: f"{v:.1f}", {}))
-                    for i, name in enumerate(("p50", "p99", "p99.9")):
-                        rows.append((f"latency {name} at {rate:,} req/s, ms ({tag})",
-                                     {p: lat[p][i] for p in PROXIES}, lambda v: f"{v:.2f}", {}))
+                    if not args.memory_only:
+                        rows.append((f"throughput, req/s ({tag})", rps, lambda v: f"{v:,.0f}", {}))
+                        rows.append((f"CPU per request, µs ({tag})", cpu, lambda v: f"{v:.1f}", {}))
+                        for i, name in enumerate(("p50", "p99", "p99.9")):
+                            rows.append((f"latency {name} at {rate:,} req/s, ms ({tag})",
+                                         {p: lat[p][i] for p in PROXIES}, lambda v: f"{v:.2f}", {}))
                     if not log:
                         mem_rest = {p: [] for p in PROXIES}
                         mem_conn = {p: [] for p in PROXIES}
+                        mem_tls = {p: [] for p in PROXIES}
                         for p in PROXIES:
                             rest, per_conn = bench.memory(servers[p], args.idle)
                             mem_rest[p].append(rest / 2**20)
                             mem_conn[p].append(per_conn / 1024)
                             print(f"[{tag}] {p}: PSS at rest {rest / 2**20:.1f} MiB, {per_conn / 1024:.2f} KiB per idle connection", file=sys.stderr)
+                            _, per_tls = bench.memory(servers[p], args.idle, tls=True)
+                            mem_tls[p].append(per_tls / 1024)
+                            print(f"[{tag}] {p}: {per_tls / 1024:.2f} KiB per idle TLS connection", file=sys.stderr)
                         rows.append((f"memory at rest, MiB PSS ({tag})", mem_rest, lambda v: f"{v:.1f}", {}))
                         rows.append((f"memory per idle keep-alive connection, KiB ({tag}, {args.idle:,} connections)",
                                      mem_conn, lambda v: f"{v:.2f}", {}))
+                        rows.append((f"memory per idle TLS keep-alive connection, KiB ({tag}, {args.idle:,} connections)",
+                                     mem_tls, lambda v: f"{v:.2f}", {}))
                     for s in servers.values():
                         s.stop()
                         bench.servers.remove(s)
@@ -453,6 +495,7 @@ def main():
         f"{args.rounds} rounds of {args.duration}s per cell, proxies interleaved; "
         f"median (min–max) ×ratio to nginx.",
         f"Versions: {versions['nginx']}; {versions['haproxy']}; {versions['kingdom-edge']}.",
+        "" if args.memory_only else
         f"The same closed-loop load straight to the origin, with no proxy (the ceiling): "
         f"{summary(direct, lambda v: f'{v:,.0f}')[1]} req/s.",
         "",
