@@ -32,6 +32,8 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     /// The count behind `client_connections`, updated atomically against the cap.
     pub open_connections: std::sync::atomic::AtomicUsize,
+    /// HTTP/1 client connections parked while idle between requests.
+    pub idle_connections: IntGauge,
     /// Client connections closed at once because `server.max_connections` were open.
     pub connections_refused: IntCounter,
 }
@@ -166,6 +168,11 @@ impl Metrics {
             "Client connections open now, over all listeners.",
         )
         .expect("static metric definition");
+        let idle_connections = IntGauge::new(
+            "kingdom_edge_client_connections_idle",
+            "HTTP/1 client connections idle for more than 100ms, waiting for their next request.",
+        )
+        .expect("static metric definition");
         let connections_refused = IntCounter::new(
             "kingdom_edge_connections_refused_total",
             "Client connections closed at once because server.max_connections were open.",
@@ -174,6 +181,7 @@ impl Metrics {
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(client_connections.clone()),
+            Box::new(idle_connections.clone()),
             Box::new(connections_refused.clone()),
             Box::new(client_timeouts_vec.clone()),
             Box::new(duration.clone()),
@@ -209,6 +217,7 @@ impl Metrics {
             client_timeouts,
             client_connections,
             open_connections: std::sync::atomic::AtomicUsize::new(0),
+            idle_connections,
             connections_refused,
         }
     }

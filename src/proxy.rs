@@ -692,6 +692,10 @@ impl ProxyHttp for EdgeProxy {
         self.metrics.client_connections.dec();
     }
 
+    fn idle_connections_changed(&self, delta: isize) {
+        self.metrics.idle_connections.add(delta as i64);
+    }
+
     fn upstream_deadline(&self, ctx: &RequestCtx) -> Option<Instant> {
         ctx.deadline
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::server::{RunArgs, ShutdownWatch};
@@ -161,13 +162,18 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
             &format!("listener {}", listener.name),
         );
         if let Some(app) = service.app_logic_mut() {
-            app.server_options = Some(client_options(&snapshot.server));
+            app.server_options = Some(client_options(&snapshot.server, listener.h2c));
         }
         let address = listener.address.to_string();
-        match tls {
-            Some(settings) => service.add_tls_with_settings(&address, None, settings),
-            None => service.add_tcp(&address),
-        }
+        // No L4 read buffer: reads go straight to the socket (the HTTP layer has its own
+        // header buffer, rustls its record buffer), so an idle connection holds no 64 KiB
+        // buffer. The write buffer (one MSS) is held only while it holds bytes.
+        let buffers = L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE);
+        let config = match tls {
+            Some(settings) => ListenerConfig::tcp(&address).tls(settings),
+            None => ListenerConfig::tcp(&address),
+        };
+        service.add_listener(config.l4_buffer(buffers));
         server.add_service(service);
     }
 
@@ -297,10 +303,11 @@ impl BackgroundService for Task {
 /// What Pingora holds a client to while it reads requests: the timeouts of
 /// `server.*_timeout`, and a cap on the bytes of a request head while it is read (every
 /// route's limits fit under it; past it the answer is 431).
-fn client_options(server: &ServerSettings) -> HttpServerOptions {
+fn client_options(server: &ServerSettings, h2c: bool) -> HttpServerOptions {
     let timeouts = server.client_timeouts;
     let limits = server.hygiene.ceiling;
     let mut options = HttpServerOptions::default();
+    options.h2c = h2c;
     options.keepalive_timeout = Some(timeouts.keepalive);
     options.h2_idle_timeout = Some(timeouts.keepalive);
     options.request_header_timeout = Some(timeouts.header);

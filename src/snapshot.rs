@@ -112,6 +112,8 @@ pub struct Listener {
     pub tls: Option<TlsSettings>,
     /// `Host` for HTTP/1.0 requests that send none.
     pub default_host: String,
+    /// HTTP/2 with prior knowledge (cleartext) besides HTTP/1.1; plain listeners only.
+    pub h2c: bool,
 }
 
 /// TLS termination for a listener.
@@ -224,11 +226,19 @@ pub fn compile(
             }
             None => address.to_string(),
         };
+        let h2c = l.h2c.unwrap_or(false);
+        if h2c && tls.is_some() {
+            errors.push(
+                format!("{at}.h2c"),
+                "is for plain listeners; a TLS listener offers HTTP/2 through ALPN (`tls.http2`)",
+            );
+        }
         listeners.push(Listener {
             name: l.name.clone(),
             address,
             tls,
             default_host,
+            h2c,
         });
     }
 

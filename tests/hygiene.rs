@@ -493,10 +493,14 @@ async fn what_clients_really_send_is_accepted_and_forwarded_cleanly() {
     assert_eq!(status(&answer), 200, "{answer}");
 }
 
-/// A proxy whose client timeouts are all 1 s, with a TLS listener beside the plain one.
-async fn impatient_edge(upstream: SocketAddr) -> (Edge, SocketAddr, tempfile::TempDir) {
+/// A proxy with a plain and a TLS listener and these `server:` settings; returns the TLS
+/// address and the certificate's PEM.
+async fn edge_with_tls(
+    upstream: SocketAddr,
+    server: &str,
+) -> (Edge, SocketAddr, String, tempfile::TempDir) {
     let certs = tempfile::tempdir().unwrap();
-    common::self_signed(certs.path(), "edge", &["edge.test"]);
+    let pem = common::self_signed(certs.path(), "edge", &["edge.test"]);
     let p = free_ports(3);
     let yaml = format!(
         r#"
@@ -506,11 +510,7 @@ listeners:
     address: 127.0.0.1:{tls}
     tls: {{ certificates: [{{ cert: {d}/edge.crt, key: {d}/edge.key }}] }}
 admin: {{ address: 127.0.0.1:{admin} }}
-server:
-  client_header_timeout: 1s
-  client_body_timeout: 1s
-  keepalive_timeout: 1s
-  tls_handshake_timeout: 1s
+server: {{ {server} }}
 pools:
   app:
     backends: [{{ address: {upstream} }}]
@@ -523,7 +523,14 @@ routes:
         d = certs.path().display(),
     );
     let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[2])).await;
-    (edge, addr(p[1]), certs)
+    (edge, addr(p[1]), pem, certs)
+}
+
+/// A proxy whose client timeouts are all 1 s, with a TLS listener beside the plain one.
+async fn impatient_edge(upstream: SocketAddr) -> (Edge, SocketAddr, tempfile::TempDir) {
+    let timeouts = "client_header_timeout: 1s, client_body_timeout: 1s, keepalive_timeout: 1s, tls_handshake_timeout: 1s";
+    let (edge, tls, _, certs) = edge_with_tls(upstream, timeouts).await;
+    (edge, tls, certs)
 }
 
 /// Reads until the proxy closes `stream` (bounded by the deadline); returns what came.
@@ -648,4 +655,216 @@ async fn the_connection_cap_refuses_new_connections_and_spares_open_ones() {
     let mut next = TcpStream::connect(edge.proxy).await.unwrap();
     next.write_all(request).await.unwrap();
     assert_eq!(status(&read_answer(&mut next).await), 200);
+}
+
+/// A proxy with a plain listener that also speaks HTTP/2 with prior knowledge (`h2c`), and
+/// short client timeouts.
+async fn h2c_edge(upstream: SocketAddr) -> Edge {
+    let p = free_ports(2);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: internal, address: 127.0.0.1:{proxy}, h2c: true }}]
+admin: {{ address: 127.0.0.1:{admin} }}
+server: {{ keepalive_timeout: 1s, client_header_timeout: 1s }}
+pools:
+  app:
+    backends: [{{ address: {upstream} }}]
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, pool: app }}
+"#,
+        proxy = p[0],
+        admin = p[1],
+    );
+    Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// The frame types in `bytes`, a sequence of HTTP/2 frames.
+fn h2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let length = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + length).min(bytes.len())..];
+    }
+    types
+}
+
+#[tokio::test]
+async fn an_h2c_listener_serves_http2_with_prior_knowledge_and_http1_alike() {
+    let edge = h2c_edge(capturing_upstream().await).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2.get(edge.url("/over-h2")).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .starts_with("GET /over-h2 HTTP/1.1"));
+    // HTTP/1.1 on the same listener, and a request shorter than the HTTP/2 preface.
+    let answer = exchange(
+        edge.proxy,
+        b"GET /over-h1 HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    let answer = exchange(edge.proxy, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    // A client that stops inside the preface is cut off at the header deadline.
+    let mut stream = TcpStream::connect(edge.proxy).await.unwrap();
+    stream.write_all(b"PRI * HT").await.unwrap();
+    assert_eq!(until_closed(&mut stream).await, "");
+    assert_eq!(client_timeouts(&edge, "header").await, 1.0);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_with_goaway() {
+    let edge = h2c_edge(capturing_upstream().await).await;
+    let mut stream = TcpStream::connect(edge.proxy).await.unwrap();
+    stream.write_all(H2_PREFACE).await.unwrap();
+    stream.write_all(H2_SETTINGS).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(common::DEADLINE, stream.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "the proxy kept an idle HTTP/2 connection open"
+    );
+    let types = h2_frame_types(&out);
+    assert_eq!(types.first(), Some(&4), "SETTINGS first: {types:?}");
+    assert_eq!(types.last(), Some(&7), "GOAWAY last: {types:?}");
+    assert_eq!(client_timeouts(&edge, "h2_idle").await, 1.0);
+}
+
+/// Resident bytes of process `pid`.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// How many established connections to local `port` the kernel holds, and how many of
+/// them have bytes the process has not read yet.
+fn server_side_sockets(port: u16) -> (usize, usize) {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    let (mut open, mut unread) = (0, 0);
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() > 4 && fields[1].ends_with(&local) && fields[3] == "01" {
+            open += 1;
+            let rx_queue = fields[4].split(':').nth(1).unwrap_or("0");
+            if u64::from_str_radix(rx_queue, 16).unwrap_or(0) > 0 {
+                unread += 1;
+            }
+        }
+    }
+    (open, unread)
+}
+
+#[tokio::test]
+async fn connections_stuck_mid_header_hold_no_more_than_what_they_sent() {
+    // 200 clients each send 12 KiB of a header that never ends (under the 32 KiB limit).
+    // Once the proxy has read every byte, what it holds per connection is about what the
+    // client sent: no buffer of Pingora's own beyond the header buffer.
+    const CLIENTS: usize = 200;
+    const SENT: usize = 12 * 1024;
+    let edge = common::edge_for_pool(&[capturing_upstream().await], &[]).await;
+    for _ in 0..20 {
+        let answer = exchange(
+            edge.proxy,
+            b"GET /warm HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status(&answer), 200, "{answer}");
+    }
+    let before = resident_bytes(edge.pid());
+    let mut head = b"GET / HTTP/1.1\r\nHost: edge.test\r\nX-Pad: ".to_vec();
+    head.resize(SENT, b'a');
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut stream = TcpStream::connect(edge.proxy).await.unwrap();
+        stream.write_all(&head).await.unwrap();
+        clients.push(stream);
+    }
+    common::wait_for("the proxy to read every stuck header", || async {
+        let (open, unread) = server_side_sockets(edge.proxy.port());
+        (open == CLIENTS && unread == 0).then_some(())
+    })
+    .await;
+    let per_connection = resident_bytes(edge.pid()).saturating_sub(before) / CLIENTS as u64;
+    // The header buffer grows by doubling: at most twice what was sent, plus the
+    // connection's own state.
+    let bound = (2 * SENT + 8 * 1024) as u64;
+    assert!(
+        per_connection <= bound,
+        "{per_connection} bytes held per stuck connection (bound {bound})"
+    );
+    drop(clients);
+}
+
+/// Waits until the proxy reports `idle` parked connections and `open` open ones.
+async fn wait_for_connections(edge: &Edge, idle: f64, open: f64) {
+    common::wait_for("the connection counts", || async {
+        let metrics = edge.metrics().await;
+        let now = (
+            common::metric(&metrics, "kingdom_edge_client_connections_idle"),
+            common::metric(&metrics, "kingdom_edge_client_connections"),
+        );
+        (now == (idle, open)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_parked_and_served_again() {
+    let (edge, tls, pem, _certs) = edge_with_tls(capturing_upstream().await, "").await;
+    wait_for_connections(&edge, 0.0, 0.0).await;
+    // Plain HTTP/1.1: idle after its request, the connection is parked (and still counted
+    // as open); its next request is answered on the same connection.
+    let mut stream = TcpStream::connect(edge.proxy).await.unwrap();
+    for path in ["/first", "/second", "/third"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: edge.test\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream).await;
+        assert_eq!(status(&answer), 200, "{answer}");
+        assert!(answer.contains(&format!("GET {path} HTTP/1.1")), "{answer}");
+        wait_for_connections(&edge, 1.0, 1.0).await;
+    }
+    // A parked connection the client closes is closed and counted out.
+    drop(stream);
+    wait_for_connections(&edge, 0.0, 0.0).await;
+
+    // TLS: the same, on one reused connection.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .use_rustls_tls()
+        .http1_only()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .resolve("edge.test", tls)
+        .build()
+        .unwrap();
+    let url = format!("https://edge.test:{}/tls", tls.port());
+    for _ in 0..3 {
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response
+            .text()
+            .await
+            .unwrap()
+            .starts_with("GET /tls HTTP/1.1"));
+        wait_for_connections(&edge, 1.0, 1.0).await;
+    }
+    drop(client);
+    wait_for_connections(&edge, 0.0, 0.0).await;
 }

@@ -78,6 +78,8 @@ pub struct RawListener {
     pub tls: Option<RawTls>,
     /// `Host` for HTTP/1.0 requests that send none. Default: the listener's address.
     pub default_host: Option<String>,
+    /// Accept HTTP/2 with prior knowledge on a plain listener. Default: false.
+    pub h2c: Option<bool>,
 }
 
 /// `listeners[].tls:`.

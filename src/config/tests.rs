@@ -84,7 +84,7 @@ fn broken_files_give_exact_errors() {
             "every shape error, each at its line",
             "listeners: [{ name: public, address: 127.0.0.1:8080, colour: red }]\npools:\n  api:\n    backends: [{ address: 127.0.0.1:9201, weight: heavy }]\n  web:\n    backends: []\n    timeouts: { connect: soon }\nroutes:\n  - { name: api, pool: api, extra: 1 }\n",
             &[
-                "line 1: listeners[0]: unknown field `colour`, expected one of `name`, `address`, `tls`, `default_host`",
+                "line 1: listeners[0]: unknown field `colour`, expected one of `name`, `address`, `tls`, `default_host`, `h2c`",
                 "line 4: pools.api.backends[0].weight: invalid type: string \"heavy\", expected u32",
                 "line 7: pools.web.timeouts.connect: `soon` is not a duration (e.g. 250ms, 2s, 15m, 1h)",
                 "line 9: routes[0]: unknown field `extra`, expected one of `name`, `match`, `pool`, `max_body`, `escaped_slashes`, `request_limits`",
@@ -155,6 +155,11 @@ routes:
                 "line 20: routes[1].max_body: must be > 0 (got 0B)",
                 "line 20: routes[1].pool: no pool named `missing` under `pools:`",
             ],
+        ),
+        (
+            "h2c on a TLS listener",
+            "listeners:\n  - name: public\n    address: 127.0.0.1:8443\n    h2c: true\n    tls: { certificates: [{ cert: a.crt, key: a.key }] }\npools:\n  api:\n    backends: [{ address: 127.0.0.1:9201 }]\nroutes: [{ name: api, pool: api }]\n",
+            &["line 4: listeners[0].h2c: is for plain listeners; a TLS listener offers HTTP/2 through ALPN (`tls.http2`)"],
         ),
         (
             "empty sections",

@@ -193,6 +193,9 @@ where
     pub upstream_modules: HttpModules,
     max_retries: usize,
     process_custom_session: Option<ProcessCustomSession<SV, C>>,
+    /// kingdom-edge patch: idle HTTP/1 connections are parked here rather than each
+    /// holding a task (see [`pingora_core::apps::IdleConnections`]).
+    idle_connections: pingora_core::apps::IdleConnections,
 }
 
 impl<SV> HttpProxy<SV, ()> {
@@ -222,6 +225,7 @@ impl<SV> HttpProxy<SV, ()> {
             client_upstream: Connector::new(Some(ConnectorOptions::from_server_conf(&conf))),
             shutdown: ShardedNotify::new(conf.threads),
             shutdown_flag: Arc::new(AtomicBool::new(false)),
+            idle_connections: Default::default(),
             server_options: None,
             h2_options: None,
             downstream_modules: HttpModules::new(),
@@ -258,6 +262,7 @@ where
             client_upstream,
             shutdown: ShardedNotify::new(conf.threads),
             shutdown_flag: Arc::new(AtomicBool::new(false)),
+            idle_connections: Default::default(),
             server_options,
             downstream_modules: HttpModules::new(),
             #[cfg(feature = "upstream_modules")]
@@ -369,7 +374,8 @@ where
                         "Fail to proxy: {e}, downstream session type: {}",
                         downstream_session.session_type()
                     );
-                    self.respond_early_error(&mut downstream_session, status).await;
+                    self.respond_early_error(&mut downstream_session, status)
+                        .await;
                 } else {
                     // otherwise the connection must be broken, no need to send anything
                     error!(
@@ -1594,6 +1600,16 @@ where
         self.inner.connection_closed();
     }
 
+    /// kingdom-edge patch: idle connections are parked rather than each keeping a task.
+    fn idle_connections(&self) -> Option<&pingora_core::apps::IdleConnections> {
+        Some(&self.idle_connections)
+    }
+
+    /// kingdom-edge patch: forwarded to [`ProxyHttp::idle_connections_changed`].
+    fn idle_connections_changed(&self, delta: isize) {
+        self.inner.idle_connections_changed(delta);
+    }
+
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: HttpSession,
@@ -1629,7 +1645,10 @@ where
                 .on_connection_reuse(&mut session, &mut ctx, prev_ctx);
         }
 
-        self.process_request(session, ctx).await
+        // kingdom-edge patch: boxed, so that the per-request state (cache, upstream
+        // connection, both body loops) is allocated once a request header has arrived
+        // rather than while a client is still sending it.
+        Box::pin(self.process_request(session, ctx)).await
     }
 
     async fn http_cleanup(&self) {

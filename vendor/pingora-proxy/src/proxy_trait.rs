@@ -729,6 +729,10 @@ pub trait ProxyHttp {
     /// kingdom-edge patch: an admitted client connection ended.
     fn connection_closed(&self) {}
 
+    /// kingdom-edge patch: this many more (or, negative, fewer) idle HTTP/1 client
+    /// connections are parked waiting for their next request.
+    fn idle_connections_changed(&self, _delta: isize) {}
+
     /// kingdom-edge patch: when the exchange with the upstream chosen in
     /// [`Self::upstream_peer`] must end, whatever the per-read timeouts say. Past it the
     /// exchange fails with an upstream `ReadTimedout`. `None` (the default): no deadline.

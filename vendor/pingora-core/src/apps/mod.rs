@@ -76,7 +76,60 @@ pub trait ServerApp {
 
     /// kingdom-edge patch: an admitted connection ended.
     fn connection_closed(&self) {}
+
+    /// kingdom-edge patch: serves an admitted connection; `open` reports its end when it is
+    /// dropped. By default the connection is served with [`Self::process_new`] and `open`
+    /// dropped when that is done, as the accept loop did; an app that parks idle
+    /// connections elsewhere takes `open` with them.
+    async fn serve_admitted(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+        open: OpenConnection,
+    ) where
+        Self: Send + Sync + 'static,
+    {
+        let mut reuse = self.process_new(stream, shutdown).await;
+        while let Some(stream) = reuse {
+            reuse = self.process_new(stream, shutdown).await;
+        }
+        drop(open);
+    }
 }
+
+/// kingdom-edge patch: one admitted connection; tells its app when it is dropped
+/// ([`ServerApp::connection_closed`]).
+pub struct OpenConnection(Arc<dyn ClosesConnections>);
+
+impl OpenConnection {
+    pub fn new<A: ServerApp + Send + Sync + 'static>(app: Arc<A>) -> Self {
+        OpenConnection(app)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}
+
+impl std::fmt::Debug for OpenConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenConnection")
+    }
+}
+
+/// [`ServerApp::connection_closed`], callable without knowing the app's type.
+trait ClosesConnections: Send + Sync {
+    fn connection_closed(&self);
+}
+
+impl<A: ServerApp + Send + Sync> ClosesConnections for A {
+    fn connection_closed(&self) {
+        ServerApp::connection_closed(self)
+    }
+}
+
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 /// HTTP Server options that control how the server handles some transport types.
@@ -180,6 +233,13 @@ impl HttpPersistentSettings {
     /// reuse time.
     pub fn set_pipelined_prefix(&mut self, prefix: BytesMut) {
         self.pipelined_prefix = Some(prefix);
+    }
+
+    /// kingdom-edge patch: whether bytes of the next pipelined request were already read.
+    pub fn has_pipelined_bytes(&self) -> bool {
+        self.pipelined_prefix
+            .as_ref()
+            .is_some_and(|p| !p.is_empty())
     }
 
     pub fn apply_to_session(self, session: &mut ServerSession) {
@@ -292,6 +352,16 @@ pub trait HttpServerApp {
     /// kingdom-edge patch: see [`ServerApp::connection_closed`].
     fn connection_closed(&self) {}
 
+    /// kingdom-edge patch: where this app parks idle HTTP/1 connections (see
+    /// [`IdleConnections`]); `None` keeps each one in its own task until its next request.
+    fn idle_connections(&self) -> Option<&IdleConnections> {
+        None
+    }
+
+    /// kingdom-edge patch: this many more (or, negative, fewer) connections are parked in
+    /// [`Self::idle_connections`].
+    fn idle_connections_changed(&self, _delta: isize) {}
+
     #[doc(hidden)]
     async fn process_custom_session(
         self: Arc<Self>,
@@ -309,119 +379,25 @@ where
 {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut h2c = self.server_options().as_ref().map_or(false, |o| o.h2c);
-        let custom = self
-            .server_options()
-            .as_ref()
-            .map_or(false, |o| o.force_custom);
+        dispatch(self, stream, shutdown, &mut None).await
+    }
 
-        // h2c is for cleartext connections; on TLS, ALPN handles protocol negotiation.
-        // Otherwise, h2c stays true on TLS streams, forcing HTTP/1.1 clients into HTTP/2
-        if stream.get_ssl_digest().is_some() {
-            h2c = false;
+    async fn serve_admitted(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+        open: OpenConnection,
+    ) {
+        // `open` lives here unless the HTTP/1 loop takes it with a parked connection, so a
+        // custom session's reused stream is still counted.
+        let mut open = Some(open);
+        let mut reuse = dispatch(self, stream, shutdown, &mut open).await;
+        while let Some(stream) = reuse {
+            reuse = dispatch(self, stream, shutdown, &mut open).await;
         }
-        // try to read h2 preface
-        else if h2c && !custom {
-            let mut buf = [0u8; H2_PREFACE.len()];
-            let peeked = stream
-                .try_peek(&mut buf)
-                .await
-                .map_err(|e| {
-                    // this error is normal when h1 reuse and close the connection
-                    debug!("Read error while peeking h2c preface {e}");
-                    e
-                })
-                .ok()?;
-            // not all streams support peeking
-            if peeked {
-                // turn off h2c (use h1) if h2 preface doesn't exist
-                h2c = buf == H2_PREFACE;
-            }
-        }
-        if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // create a shared connection digest
-            let digest = Arc::new(Digest {
-                ssl_digest: stream.get_ssl_digest(),
-                // TODO: log h2 handshake time
-                timing_digest: stream.get_timing_digest(),
-                proxy_digest: stream.get_proxy_digest(),
-                socket_digest: stream.get_socket_digest(),
-            });
-
-            let h2_options = self.h2_options();
-            let h2_conn = match server::handshake(stream, h2_options).await {
-                Err(e) => {
-                    error!("H2 handshake error {e}");
-                    return None;
-                }
-                Ok(c) => c,
-            };
-
-            // The accept-loop body — including the graceful-shutdown state
-            // machine — lives in `server::accept_downstream_sessions` so that
-            // the same code path is exercised by tests in `protocols::http::v2`.
-            let app = self.clone();
-            let shutdown_for_session = shutdown.clone();
-            let h2_idle_timeout = self.server_options().and_then(|o| o.h2_idle_timeout);
-            let idle = server::accept_downstream_sessions(
-                h2_conn,
-                digest,
-                shutdown.clone(),
-                h2_idle_timeout,
-                |h2_stream, guard| {
-                    let app = app.clone();
-                    let shutdown = shutdown_for_session.clone();
-                    pingora_runtime::current_handle().spawn(async move {
-                        // hold `guard` for the session's lifetime so the accept
-                        // loop's idle timeout sees this connection as busy.
-                        let _guard = guard;
-                        // Note, `PersistentSettings` not currently relevant for h2
-                        app.process_new_http(ServerSession::new_http2(h2_stream), &shutdown)
-                            .await;
-                    });
-                },
-            )
-            .await;
-            if idle {
-                self.client_timed_out("h2_idle");
-            }
-        } else if custom || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_))) {
-            return self.clone().process_custom_session(stream, shutdown).await;
-        } else {
-            // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
-            let mut session = ServerSession::new_http1(stream);
-            if *shutdown.borrow() {
-                // stop downstream from reusing if this service is shutting down soon
-                session.set_keepalive(None);
-            } else {
-                // default 60s
-                let keepalive = self
-                    .server_options()
-                    .and_then(|o| o.keepalive_timeout)
-                    .map_or(60, |t| t.as_secs().max(1));
-                session.set_keepalive(Some(keepalive));
-            }
-            apply_header_limits(&mut session, self.server_options());
-            session.set_keepalive_reuses_remaining(
-                self.server_options()
-                    .and_then(|opts| opts.keepalive_request_limit),
-            );
-
-            let mut result = self.process_new_http(session, shutdown).await;
-            while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
-                let mut session = ServerSession::new_http1(stream);
-                if let Some(persistent_settings) = persistent_settings {
-                    persistent_settings.apply_to_session(&mut session);
-                }
-                apply_header_limits(&mut session, self.server_options());
-
-                result = self.process_new_http(session, shutdown).await;
-            }
-        }
-        None
     }
 
     async fn cleanup(&self) {
@@ -444,6 +420,486 @@ where
 
     fn connection_closed(&self) {
         HttpServerApp::connection_closed(self)
+    }
+}
+
+/// The connection-level protocol choice of [`ServerApp::process_new`] for an
+/// [`HttpServerApp`]. kingdom-edge patch: `open`, when given, goes with the connection if
+/// its HTTP/1 loop parks it (see [`IdleConnections`]).
+async fn dispatch<T>(
+    app: &Arc<T>,
+    mut stream: Stream,
+    shutdown: &ShutdownWatch,
+    open: &mut Option<OpenConnection>,
+) -> Option<Stream>
+where
+    T: HttpServerApp + Send + Sync + 'static,
+{
+    let mut h2c = app.server_options().as_ref().map_or(false, |o| o.h2c);
+    let custom = app
+        .server_options()
+        .as_ref()
+        .map_or(false, |o| o.force_custom);
+
+    // h2c is for cleartext connections; on TLS, ALPN handles protocol negotiation.
+    // Otherwise, h2c stays true on TLS streams, forcing HTTP/1.1 clients into HTTP/2
+    if stream.get_ssl_digest().is_some() {
+        h2c = false;
+    }
+    // try to read h2 preface
+    else if h2c && !custom {
+        // kingdom-edge patch: boxed, see `detect_h2c`.
+        h2c = Box::pin(detect_h2c(app, &mut stream, shutdown)).await?;
+    }
+    if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+        // kingdom-edge patch: boxed, so that the future of every HTTP/1 connection does
+        // not carry the HTTP/2 handshake and accept-loop states.
+        Box::pin(serve_http2(app, stream, shutdown)).await;
+    } else if custom || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_))) {
+        return app.clone().process_custom_session(stream, shutdown).await;
+    } else {
+        // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
+        serve_http1(app, stream, shutdown, open.take(), None, false).await;
+    }
+    None
+}
+
+/// kingdom-edge patch: whether a cleartext connection starts with the HTTP/2 preface;
+/// `None` when it closed or ran out of time first. The wait for the first bytes is bounded
+/// like an idle connection's and the rest like a request header. Only the first three bytes
+/// are read before deciding, so an HTTP/1 request shorter than the preface (`GET /
+/// HTTP/1.0` and an empty header) does not wait for bytes that never come.
+async fn detect_h2c<T>(app: &Arc<T>, stream: &mut Stream, shutdown: &ShutdownWatch) -> Option<bool>
+where
+    T: HttpServerApp + Send + Sync + 'static,
+{
+    let options = app.server_options();
+    let keepalive = keepalive_timeout(options);
+    match wait_for_request(stream, keepalive, shutdown).await {
+        Wait::Readable => {}
+        Wait::TimedOut => {
+            app.client_timed_out("keepalive");
+            return None;
+        }
+        Wait::Closed => return None,
+    }
+    let header_timeout = options
+        .and_then(|o| o.request_header_timeout)
+        .unwrap_or(keepalive);
+    let peek = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        if !stream.try_peek(&mut buf[..3]).await? || buf[..3] != H2_PREFACE[..3] {
+            return Ok::<_, std::io::Error>(false);
+        }
+        Ok(stream.try_peek(&mut buf).await? && buf == H2_PREFACE)
+    };
+    match tokio::time::timeout(header_timeout, peek).await {
+        Ok(Ok(preface)) => Some(preface),
+        Ok(Err(e)) => {
+            // this error is normal when h1 reuse and close the connection
+            debug!("Read error while peeking h2c preface {e}");
+            None
+        }
+        Err(_) => {
+            app.client_timed_out("header");
+            None
+        }
+    }
+}
+
+/// The HTTP/2 side of [`ServerApp::process_new`] for an [`HttpServerApp`].
+async fn serve_http2<T>(app: &Arc<T>, stream: Stream, shutdown: &ShutdownWatch)
+where
+    T: HttpServerApp + Send + Sync + 'static,
+{
+    // create a shared connection digest
+    let digest = Arc::new(Digest {
+        ssl_digest: stream.get_ssl_digest(),
+        // TODO: log h2 handshake time
+        timing_digest: stream.get_timing_digest(),
+        proxy_digest: stream.get_proxy_digest(),
+        socket_digest: stream.get_socket_digest(),
+    });
+
+    let h2_options = app.h2_options();
+    let h2_conn = match server::handshake(stream, h2_options).await {
+        Err(e) => {
+            error!("H2 handshake error {e}");
+            return;
+        }
+        Ok(c) => c,
+    };
+
+    // The accept-loop body — including the graceful-shutdown state
+    // machine — lives in `server::accept_downstream_sessions` so that
+    // the same code path is exercised by tests in `protocols::http::v2`.
+    let app_for_sessions = app.clone();
+    let shutdown_for_session = shutdown.clone();
+    let h2_idle_timeout = app.server_options().and_then(|o| o.h2_idle_timeout);
+    let idle = server::accept_downstream_sessions(
+        h2_conn,
+        digest,
+        shutdown.clone(),
+        h2_idle_timeout,
+        |h2_stream, guard| {
+            let app = app_for_sessions.clone();
+            let shutdown = shutdown_for_session.clone();
+            pingora_runtime::current_handle().spawn(async move {
+                // hold `guard` for the session's lifetime so the accept
+                // loop's idle timeout sees this connection as busy.
+                let _guard = guard;
+                // Note, `PersistentSettings` not currently relevant for h2
+                app.process_new_http(ServerSession::new_http2(h2_stream), &shutdown)
+                    .await;
+            });
+        },
+    )
+    .await;
+    if idle {
+        app.client_timed_out("h2_idle");
+    }
+}
+
+/// kingdom-edge patch: the HTTP/1 connection loop. Between requests a connection holds only
+/// its stream: it waits for the next request's first bytes before anything per request is
+/// built, and that is all freed once the response is done (before, every idle connection
+/// held a session, its header buffer and the whole per-request future). A connection that
+/// stays idle past [`IDLE_GRACE`] leaves its task for the app's [`IdleConnections`], if
+/// it has them and `open` is ours to hand on; otherwise it waits here for the whole
+/// keep-alive timeout. `ready`: the first request's bytes are known to be readable.
+async fn serve_http1<T>(
+    app: &Arc<T>,
+    mut stream: Stream,
+    shutdown: &ShutdownWatch,
+    open: Option<OpenConnection>,
+    mut persistent: Option<HttpPersistentSettings>,
+    mut ready: bool,
+) where
+    T: HttpServerApp + Send + Sync + 'static,
+{
+    let configured = keepalive_timeout(app.server_options());
+    let idle = app.idle_connections().filter(|_| open.is_some());
+    let mut first = persistent.is_none();
+    loop {
+        let buffered = ready
+            || persistent
+                .as_ref()
+                .is_some_and(HttpPersistentSettings::has_pipelined_bytes);
+        ready = false;
+        if !buffered {
+            // The session's keep-alive (`None`: no limit), else the server's.
+            let keepalive = match persistent.as_ref().and_then(|p| p.keepalive_timeout) {
+                Some(0) => None,
+                Some(secs) => Some(Duration::from_secs(secs)),
+                None => Some(configured),
+            };
+            let parks = idle.is_some() && keepalive.is_none_or(|k| k > IDLE_GRACE);
+            let wait = match keepalive {
+                _ if parks => IDLE_GRACE,
+                Some(keepalive) => keepalive,
+                None => Duration::MAX,
+            };
+            match wait_for_request(&mut stream, wait, shutdown).await {
+                Wait::Readable => {}
+                Wait::Closed => return,
+                Wait::TimedOut => {
+                    if let (true, Some(idle), Some(open)) = (parks, idle, open) {
+                        let expires =
+                            keepalive.map(|k| tokio::time::Instant::now() + (k - IDLE_GRACE));
+                        let parked = Parked {
+                            stream,
+                            persistent,
+                            open,
+                            expires,
+                        };
+                        idle.park(app, parked, configured.saturating_sub(IDLE_GRACE), shutdown);
+                    } else {
+                        app.client_timed_out("keepalive");
+                    }
+                    return;
+                }
+            }
+        }
+
+        let next = begin_request(app, stream, persistent.take(), first, shutdown);
+        first = false;
+        match next.await {
+            Some(reused) => (stream, persistent) = reused.consume(),
+            None => return,
+        }
+    }
+}
+
+/// kingdom-edge patch: how long an idle HTTP/1 connection waits in its own task before it
+/// is parked with its app's [`IdleConnections`]. A busy client's next request comes well
+/// within it, so only connections that are really idle pay for being parked and resumed.
+pub const IDLE_GRACE: Duration = Duration::from_millis(100);
+
+/// kingdom-edge patch: the idle HTTP/1 connections of one app, parked together as nginx
+/// keeps them: each holds only its stream, its keep-alive state and its [`OpenConnection`]
+/// (no task, no timer of its own), until its next request's bytes arrive (then it gets a
+/// task again) or its keep-alive timeout ends (then it is closed and counted as a
+/// `"keepalive"` [`HttpServerApp::client_timed_out`]). One task watches them all; it
+/// starts with the first connection parked and ends when the server shuts down, closing
+/// what is still parked.
+#[derive(Default)]
+pub struct IdleConnections {
+    pool: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Parked>>,
+}
+
+/// An idle HTTP/1 connection, parked.
+struct Parked {
+    stream: Stream,
+    persistent: Option<HttpPersistentSettings>,
+    open: OpenConnection,
+    /// When its keep-alive timeout ends; `None`: never.
+    expires: Option<tokio::time::Instant>,
+}
+
+impl IdleConnections {
+    /// Parks `parked` until its request comes or it expires. `rest`, the server's keep-alive
+    /// timeout left after the grace period, sets how finely expiries are grouped.
+    fn park<T>(&self, app: &Arc<T>, parked: Parked, rest: Duration, shutdown: &ShutdownWatch)
+    where
+        T: HttpServerApp + Send + Sync + 'static,
+    {
+        let pool = self.pool.get_or_init(|| {
+            let (sender, parked) = tokio::sync::mpsc::unbounded_channel();
+            pingora_runtime::current_handle().spawn(watch_idle_connections(
+                app.clone(),
+                parked,
+                shutdown.clone(),
+                rest,
+            ));
+            sender
+        });
+        // Once the pool has stopped (shutting down), the connection is dropped: closed.
+        let _ = pool.send(parked);
+    }
+}
+
+/// Parked connections grouped by when they expire: every connection of a group is closed
+/// together, at the end of its time slot, at most a slot later than its own timeout. One
+/// timer for all of them instead of one each.
+type ParkedGroup = futures::stream::FuturesUnordered<UntilReadable>;
+
+/// Resolves with its connection once that is readable; `None` if it failed.
+struct UntilReadable(Option<Parked>);
+
+impl std::future::Future for UntilReadable {
+    type Output = Option<Parked>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        use tokio::io::ReadBuf;
+        let parked = self.0.as_mut().expect("polled after it resolved");
+        let mut nothing = ReadBuf::new(&mut []);
+        match std::pin::Pin::new(&mut *parked.stream).poll_read(cx, &mut nothing) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(self.0.take()),
+            Poll::Ready(Err(e)) => {
+                debug!("Parked downstream connection failed: {e}");
+                self.0 = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+/// How many connections an [`IdleConnections`] holds, as told to its app.
+struct ParkedCount<'a, T: HttpServerApp>(&'a T, isize);
+
+impl<T: HttpServerApp> ParkedCount<'_, T> {
+    fn add(&mut self, delta: isize) {
+        self.1 += delta;
+        self.0.idle_connections_changed(delta);
+    }
+}
+
+impl<T: HttpServerApp> Drop for ParkedCount<'_, T> {
+    fn drop(&mut self) {
+        self.0.idle_connections_changed(-self.1);
+    }
+}
+
+/// The task of an app's [`IdleConnections`].
+async fn watch_idle_connections<T>(
+    app: Arc<T>,
+    mut arriving: tokio::sync::mpsc::UnboundedReceiver<Parked>,
+    shutdown: ShutdownWatch,
+    rest: Duration,
+) where
+    T: HttpServerApp + Send + Sync + 'static,
+{
+    use futures::StreamExt;
+    use std::collections::BTreeMap;
+    use std::task::Poll;
+    use tokio::time::Instant;
+
+    let slot = (rest / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let start = Instant::now();
+    // Slot `n` ends at `start + n * slot`; connections without a timeout never expire.
+    let slot_end = |n: u32| start + slot * n;
+    let slot_of = |expires: Instant| {
+        let after = expires.saturating_duration_since(start);
+        (after.as_nanos().div_ceil(slot.as_nanos())).min(u32::MAX as u128) as u32
+    };
+    let mut expiring: BTreeMap<u32, ParkedGroup> = BTreeMap::new();
+    let mut lasting = ParkedGroup::new();
+    // However the loop ends, what is still parked is closed: report it gone.
+    let mut parked_count = ParkedCount(app.as_ref(), 0);
+    let mut watch = shutdown.clone();
+    let mut watching = true;
+    let expiry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(expiry);
+    let mut armed_for = None;
+    loop {
+        if *watch.borrow_and_update() {
+            return;
+        }
+        let first_slot = expiring.keys().next().copied();
+        if first_slot.is_some() && first_slot != armed_for {
+            expiry.as_mut().reset(slot_end(first_slot.unwrap()));
+            armed_for = first_slot;
+        }
+        let readable = std::future::poll_fn(|cx| {
+            for group in expiring.values_mut().chain(std::iter::once(&mut lasting)) {
+                if let Poll::Ready(Some(ready)) = group.poll_next_unpin(cx) {
+                    return Poll::Ready(ready);
+                }
+            }
+            Poll::Pending
+        });
+        tokio::select! {
+            biased;
+            changed = watch.changed(), if watching => {
+                // No sender: no shutdown will ever be signalled.
+                watching = changed.is_ok();
+            }
+            // Connections with a request waiting go first, then the ones to close, then
+            // the newly parked.
+            ready = readable => {
+                parked_count.add(-1);
+                if let Some(Parked { stream, persistent, open, .. }) = ready {
+                    let app = app.clone();
+                    let shutdown = shutdown.clone();
+                    pingora_runtime::current_handle().spawn(async move {
+                        serve_http1(&app, stream, &shutdown, Some(open), persistent, true).await;
+                    });
+                }
+            }
+            _ = &mut expiry, if armed_for.is_some() => {
+                if let Some(expired) = armed_for.take().and_then(|n| expiring.remove(&n)) {
+                    parked_count.add(-(expired.len() as isize));
+                    for _ in 0..expired.len() {
+                        app.client_timed_out("keepalive");
+                    }
+                }
+            }
+            parked = arriving.recv() => {
+                let Some(parked) = parked else { return };
+                parked_count.add(1);
+                match parked.expires {
+                    Some(expires) => expiring
+                        .entry(slot_of(expires))
+                        .or_default()
+                        .push(UntilReadable(Some(parked))),
+                    None => lasting.push(UntilReadable(Some(parked))),
+                }
+            }
+        }
+        expiring.retain(|_, group| !group.is_empty());
+    }
+}
+
+/// kingdom-edge patch: builds the session for the next request on `stream` and starts it.
+/// Not async, so that the session never sits in the connection loop's future.
+fn begin_request<'a, T>(
+    app: &'a Arc<T>,
+    stream: Stream,
+    persistent: Option<HttpPersistentSettings>,
+    first: bool,
+    shutdown: &'a ShutdownWatch,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<ReusedHttpStream>> + Send + 'a>>
+where
+    T: HttpServerApp + Send + Sync + 'static,
+{
+    let options = app.server_options();
+    let mut session = ServerSession::new_http1(stream);
+    if first {
+        if *shutdown.borrow() {
+            // stop downstream from reusing if this service is shutting down soon
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(keepalive_timeout(options).as_secs()));
+        }
+        session
+            .set_keepalive_reuses_remaining(options.and_then(|opts| opts.keepalive_request_limit));
+    } else if let Some(settings) = persistent {
+        settings.apply_to_session(&mut session);
+    }
+    apply_header_limits(&mut session, options);
+    app.process_new_http(session, shutdown)
+}
+
+/// kingdom-edge patch: the configured keep-alive timeout (Pingora's 60s by default).
+fn keepalive_timeout(options: Option<&HttpServerOptions>) -> Duration {
+    options
+        .and_then(|o| o.keepalive_timeout)
+        .unwrap_or(Duration::from_secs(60))
+        .max(Duration::from_secs(1))
+}
+
+/// What ended an idle connection's wait for its next request.
+enum Wait {
+    /// Bytes, or the end of the stream, are ready to be read.
+    Readable,
+    TimedOut,
+    /// The server is shutting down, or the stream failed.
+    Closed,
+}
+
+/// kingdom-edge patch: waits until `stream` is readable without reading from it or holding
+/// a buffer: a read into an empty buffer completes once the socket (for TLS, a decrypted
+/// record) is readable, and consumes nothing.
+async fn wait_for_request(
+    stream: &mut Stream,
+    keepalive: Duration,
+    shutdown: &ShutdownWatch,
+) -> Wait {
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    let mut shutdown = shutdown.clone();
+    if *shutdown.borrow_and_update() {
+        return Wait::Closed;
+    }
+    let readable = std::future::poll_fn(|cx| {
+        let mut nothing = ReadBuf::new(&mut []);
+        std::pin::Pin::new(&mut *stream).poll_read(cx, &mut nothing)
+    });
+    let shutting_down = async {
+        while shutdown.changed().await.is_ok() {
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+        // No sender: no shutdown will ever be signalled.
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        biased;
+        ready = tokio::time::timeout(keepalive, readable) => match ready {
+            Ok(Ok(())) => Wait::Readable,
+            Ok(Err(e)) => {
+                debug!("Idle downstream connection failed: {e}");
+                Wait::Closed
+            }
+            Err(_) => Wait::TimedOut,
+        },
+        _ = shutting_down => Wait::Closed,
     }
 }
 

@@ -18,7 +18,7 @@
 //! Each [Service] can be configured with custom application logic (e.g. an `HTTPProxy`) and one or
 //! more endpoints to listen to.
 
-use crate::apps::ServerApp;
+use crate::apps::{OpenConnection, ServerApp};
 use crate::listeners::tls::TlsSettings;
 #[cfg(feature = "connection_filter")]
 use crate::listeners::AcceptAllFilter;
@@ -186,15 +186,6 @@ impl<A> Service<A> {
     }
 }
 
-/// kingdom-edge patch: one admitted connection, reported closed when dropped.
-struct OpenConnection<A: ServerApp>(Arc<A>);
-
-impl<A: ServerApp> Drop for OpenConnection<A> {
-    fn drop(&mut self) {
-        self.0.connection_closed();
-    }
-}
-
 impl<A: ServerApp + Send + Sync + 'static> Service<A> {
     pub async fn handle_event(event: Stream, app_logic: Arc<A>, shutdown: ShutdownWatch) {
         debug!("new event!");
@@ -204,6 +195,31 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
             // another thread for more evenly load balancing
             debug!("new reusable event!");
             reuse_event = app_logic.process_new(event, &shutdown).await;
+        }
+    }
+
+    /// kingdom-edge patch: the handshake within the app's deadline; `None` when it failed.
+    async fn handshake(
+        io: Box<crate::listeners::UninitializedStream>,
+        app: &Arc<A>,
+    ) -> Option<Stream> {
+        let peer_addr = io.peer_addr();
+        match timeout(app.tls_handshake_timeout(), (*io).handshake()).await {
+            Ok(Ok(io)) => Some(io),
+            Ok(Err(e)) => {
+                // TODO: Maybe IOApp trait needs a fn to handle/filter out this error
+                if let Some(addr) = peer_addr {
+                    error!("Downstream handshake error from {}: {e}", addr);
+                } else {
+                    error!("Downstream handshake error: {e}");
+                }
+                None
+            }
+            Err(_) => {
+                error!("Downstream handshake timeout");
+                app.client_timed_out("tls_handshake");
+                None
+            }
         }
     }
 
@@ -240,29 +256,15 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 Ok(io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
+                    // kingdom-edge patch: the task keeps its captures and its handshake
+                    // state for the life of the connection, so both are boxed: the
+                    // accepted stream until the handshake takes it, the handshake until it
+                    // is done. An idle connection's task is then a few pointers.
+                    let io = Box::new(io);
                     current_handle().spawn(async move {
-                        let _open = OpenConnection(app.clone());
-                        let peer_addr = io.peer_addr();
-                        // kingdom-edge patch: the app decides the handshake deadline.
-                        let handshake_timeout = app.tls_handshake_timeout();
-                        match timeout(handshake_timeout, io.handshake()).await {
-                            Ok(handshake) => {
-                                match handshake {
-                                    Ok(io) => Self::handle_event(io, app, shutdown).await,
-                                    Err(e) => {
-                                        // TODO: Maybe IOApp trait needs a fn to handle/filter out this error
-                                        if let Some(addr) = peer_addr {
-                                            error!("Downstream handshake error from {}: {e}", addr);
-                                        } else {
-                                            error!("Downstream handshake error: {e}");
-                                        }
-                                    }
-                                }
-                            }
-                            Err(_) => {
-                                error!("Downstream handshake timeout");
-                                app.client_timed_out("tls_handshake");
-                            }
+                        let open = OpenConnection::new(app.clone());
+                        if let Some(io) = Box::pin(Self::handshake(io, &app)).await {
+                            app.serve_admitted(io, &shutdown, open).await;
                         }
                     });
                 }

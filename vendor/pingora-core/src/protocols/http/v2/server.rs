@@ -176,7 +176,13 @@ where
                     // Idle with nothing in flight: drop `conn` to close the
                     // socket now (no graceful GOAWAY wait that could hang on
                     // a dead peer).
-                    // kingdom-edge patch: the caller learns it was idleness.
+                    // kingdom-edge patch: a GOAWAY (NO_ERROR) first, as RFC 9113
+                    // §9.1 asks and nginx does, so the client knows why and retries
+                    // nothing; flushing it may take at most a second. The caller learns
+                    // it was idleness.
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    let flush = std::future::poll_fn(|cx| conn.poll_closed(cx));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
                     return true;
                 }
             }
