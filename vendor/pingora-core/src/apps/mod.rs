@@ -760,10 +760,11 @@ async fn watch_idle_connections<T>(
         if *watch.borrow_and_update() {
             return;
         }
-        let first_slot = expiring.keys().next().copied();
-        if first_slot.is_some() && first_slot != armed_for {
-            expiry.as_mut().reset(slot_end(first_slot.unwrap()));
-            armed_for = first_slot;
+        if let Some(&first) = expiring.keys().next() {
+            if armed_for != Some(first) {
+                expiry.as_mut().reset(slot_end(first));
+                armed_for = Some(first);
+            }
         }
         let readable = std::future::poll_fn(|cx| {
             for group in expiring.values_mut().chain(std::iter::once(&mut lasting)) {
