@@ -19,8 +19,8 @@ WORKDIR /etc/kingdom-edge
 USER kingdom-edge
 EXPOSE 8080 9090
 # conf/container.yaml listens on 0.0.0.0:8080 (proxy) and 0.0.0.0:9090 (admin, for probes only).
-# It needs KINGDOM_API_SECRET and KINGDOM_STICKY_SECRET (each at least 16 bytes) in the
-# container's environment; `kingdom-edge check` names whichever is missing.
+# It needs KINGDOM_API_SECRET, KINGDOM_STICKY_SECRET and KINGDOM_ADMIN_TOKEN (each at least
+# 16 bytes) in the container's environment; `kingdom-edge check` names whichever is missing.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/kingdom-edge"]
 CMD ["run", "-c", "/etc/kingdom-edge/edge.yaml"]

@@ -6,6 +6,9 @@
 //! counted in `kingdom_edge_access_log_dropped_total` and reported on stderr (at most every
 //! ten seconds). A file output is reopened on `SIGUSR1` ([`AccessLog::reopen`]) and when its
 //! path no longer names the open file (renamed or deleted by log rotation).
+//!
+//! A reload may change the output ([`AccessLog::set_output`]): lines queued before the
+//! change go to the old output, later ones to the new.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -21,7 +24,17 @@ use prometheus::IntCounter;
 use serde::Serialize;
 
 use crate::metrics::Metrics;
-use crate::snapshot::AccessLogOutput;
+
+/// `access_log.output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogOutput {
+    /// No access log.
+    Off,
+    /// One JSON line per request on standard output.
+    Stdout,
+    /// Appended to this file.
+    File(PathBuf),
+}
 
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
@@ -64,11 +77,16 @@ enum Message {
     Wake,
     /// Write out everything queued so far, then answer.
     Flush(SyncSender<()>),
+    /// Write what is queued so far, then write to this output.
+    Switch(Output),
 }
 
 /// The access-log sink.
 pub struct AccessLog {
-    queue: Option<SyncSender<Message>>,
+    queue: SyncSender<Message>,
+    /// The output now, as configured; `Off` writes nothing.
+    output: std::sync::Mutex<AccessLogOutput>,
+    enabled: AtomicBool,
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
     /// Lines dropped at a full queue, for the writer's report on stderr.
@@ -76,26 +94,14 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// Opens the output and starts the writer thread. `Off` starts nothing.
+    /// Opens the output and starts the writer thread.
     pub fn open(output: &AccessLogOutput, metrics: Arc<Metrics>) -> io::Result<Self> {
         let dropped = metrics.access_log_dropped.clone();
         let reopen = Arc::new(AtomicBool::new(false));
         let overflowed = Arc::new(AtomicU64::new(0));
-        let output = match output {
-            AccessLogOutput::Off => {
-                return Ok(Self {
-                    queue: None,
-                    reopen,
-                    dropped,
-                    overflowed,
-                })
-            }
-            AccessLogOutput::Stdout => Output::Stdout(io::stdout()),
-            AccessLogOutput::File(path) => Output::File(LogFile::open(path)?),
-        };
         let (queue, lines) = sync_channel(QUEUE);
         let writer = Writer {
-            output,
+            output: Output::open(output)?,
             reopen: reopen.clone(),
             dropped: dropped.clone(),
             overflowed: overflowed.clone(),
@@ -107,21 +113,44 @@ impl AccessLog {
             .name("access-log".into())
             .spawn(move || writer.run(lines))?;
         Ok(Self {
-            queue: Some(queue),
+            queue,
+            output: std::sync::Mutex::new(output.clone()),
+            enabled: AtomicBool::new(*output != AccessLogOutput::Off),
             reopen,
             dropped,
             overflowed,
         })
     }
 
+    /// Writes later lines to `output` (a reload changed it). The new output is opened
+    /// here, so an error leaves the old one in place. Returns whether anything changed.
+    pub fn set_output(&self, output: &AccessLogOutput) -> io::Result<bool> {
+        let mut current = self.output.lock().unwrap_or_else(|p| p.into_inner());
+        if *current == *output {
+            return Ok(false);
+        }
+        let opened = Output::open(output)?;
+        // Blocks only while the queue is full: the writer drains it in batches.
+        self.queue
+            .send(Message::Switch(opened))
+            .map_err(|_| io::Error::other("the access-log writer has stopped"))?;
+        self.enabled
+            .store(*output != AccessLogOutput::Off, Ordering::Release);
+        *current = output.clone();
+        Ok(true)
+    }
+
     /// Whether lines are written at all; callers skip building entries when not.
     pub fn enabled(&self) -> bool {
-        self.queue.is_some()
+        self.enabled.load(Ordering::Relaxed)
     }
 
     /// Queues one entry.
     pub fn log(&self, entry: &Entry<'_>) {
-        let Some(queue) = &self.queue else { return };
+        if !self.enabled() {
+            return;
+        }
+        let queue = &self.queue;
         let Ok(line) = serde_json::to_string(entry) else {
             self.dropped.inc();
             return;
@@ -138,16 +167,14 @@ impl AccessLog {
     /// Reopens a file output before the next line (log rotation, `SIGUSR1`).
     pub fn reopen(&self) {
         self.reopen.store(true, Ordering::Release);
-        if let Some(queue) = &self.queue {
-            // A full queue means the writer is busy and sees the flag soon anyway.
-            let _ = queue.try_send(Message::Wake);
-        }
+        // A full queue means the writer is busy and sees the flag soon anyway.
+        let _ = self.queue.try_send(Message::Wake);
     }
 
     /// Waits up to `timeout` for queued lines to reach the output, for a clean exit. Never
     /// longer, even when the writer is stuck on a hung disk with a full queue.
     pub fn flush(&self, timeout: Duration) {
-        let Some(queue) = &self.queue else { return };
+        let queue = &self.queue;
         let deadline = Instant::now() + timeout;
         let (done, wait) = sync_channel(1);
         let mut message = Message::Flush(done);
@@ -246,8 +273,19 @@ impl Sink for io::Stdout {
 }
 
 enum Output {
+    Off,
     Stdout(io::Stdout),
     File(LogFile),
+}
+
+impl Output {
+    fn open(output: &AccessLogOutput) -> io::Result<Self> {
+        Ok(match output {
+            AccessLogOutput::Off => Output::Off,
+            AccessLogOutput::Stdout => Output::Stdout(io::stdout()),
+            AccessLogOutput::File(path) => Output::File(LogFile::open(path)?),
+        })
+    }
 }
 
 /// What became of a batch.
@@ -342,24 +380,17 @@ impl Writer {
                     }
                     Message::Wake => {}
                     Message::Flush(done) => waiting.push(done),
+                    Message::Switch(output) => {
+                        // What came before goes to the old output.
+                        self.write(&mut batch, &mut ends, &mut carry);
+                        // A line torn on the old output cannot be finished on the new one.
+                        carry.clear();
+                        self.output = output;
+                    }
                 }
             }
             self.rotate_if_needed();
-            if !ends.is_empty() {
-                let sink: &mut dyn Sink = match &mut self.output {
-                    Output::Stdout(out) => out,
-                    Output::File(file) => file,
-                };
-                let written = write_batch(sink, &batch, &ends);
-                // A carried line is not lost: it is finished next time.
-                let unfinished = written.lines + usize::from(!written.carry.is_empty());
-                if let Some(e) = written.error {
-                    self.lost((ends.len() - unfinished) as u64, e);
-                }
-                carry = written.carry;
-                batch.clear();
-                ends.clear();
-            }
+            self.write(&mut batch, &mut ends, &mut carry);
             self.report();
             let flushed = !waiting.is_empty();
             for done in waiting.drain(..) {
@@ -369,6 +400,32 @@ impl Writer {
                 thread::sleep(BATCH_WINDOW);
             }
         }
+    }
+
+    /// Writes `batch` (lines ending at `ends`) and empties it; `carry` takes the rest of a
+    /// line cut short on an output that cannot take it back.
+    fn write(&mut self, batch: &mut Vec<u8>, ends: &mut Vec<usize>, carry: &mut Vec<u8>) {
+        if ends.is_empty() {
+            return;
+        }
+        let sink: &mut dyn Sink = match &mut self.output {
+            Output::Off => {
+                batch.clear();
+                ends.clear();
+                return;
+            }
+            Output::Stdout(out) => out,
+            Output::File(file) => file,
+        };
+        let written = write_batch(sink, batch, ends);
+        // A carried line is not lost: it is finished next time.
+        let unfinished = written.lines + usize::from(!written.carry.is_empty());
+        if let Some(e) = written.error {
+            self.lost((ends.len() - unfinished) as u64, e);
+        }
+        *carry = written.carry;
+        batch.clear();
+        ends.clear();
     }
 
     /// Reopens the file when asked to, or when its path names another file (or none).

@@ -3,7 +3,38 @@
 
 use std::net::IpAddr;
 
-use crate::snapshot::ServerSettings;
+use ipnet::IpNet;
+
+use crate::config::Errors;
+
+/// `server.trusted_proxies`, compiled: peers whose forwarding headers are believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Compiles the list of IPs and CIDR ranges (at YAML path `at`).
+    pub fn compile(raw: &[String], at: &str, errors: &mut Errors) -> Self {
+        let mut nets = Vec::new();
+        for (i, text) in raw.iter().enumerate() {
+            let net = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match net {
+                Ok(net) => nets.push(net),
+                Err(_) => errors.push(
+                    format!("{at}[{i}]"),
+                    format!("`{text}` is not an IP address or CIDR range"),
+                ),
+            }
+        }
+        Self(nets)
+    }
+
+    /// Whether a peer at `ip` may tell us who the client is.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
 
 /// The client as the proxy understands it, and the forwarding headers to send upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,9 +66,9 @@ pub struct Incoming<'a> {
 }
 
 /// Decides the client address and forwarding headers.
-pub fn resolve(req: &Incoming<'_>, server: &ServerSettings) -> Forwarded {
+pub fn resolve(req: &Incoming<'_>, trusted: &TrustedProxies) -> Forwarded {
     let own_proto = if req.tls { "https" } else { "http" };
-    if !server.is_trusted(req.peer) {
+    if !trusted.contains(req.peer) {
         return Forwarded {
             client_ip: req.peer,
             for_chain: req.peer.to_string(),
@@ -60,7 +91,7 @@ pub fn resolve(req: &Incoming<'_>, server: &ServerSettings) -> Forwarded {
         Some(ips) => ips
             .iter()
             .rev()
-            .find(|ip| !server.is_trusted(**ip))
+            .find(|ip| !trusted.contains(**ip))
             .or(ips.first())
             .copied()
             .unwrap_or(req.peer),
@@ -86,18 +117,12 @@ pub fn resolve(req: &Incoming<'_>, server: &ServerSettings) -> Forwarded {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    fn server() -> ServerSettings {
-        ServerSettings {
-            threads: 1,
-            shutdown_timeout: Duration::from_secs(1),
-            shutdown_delay: Duration::ZERO,
-            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
-            hygiene: Default::default(),
-            client_timeouts: Default::default(),
-            max_connections: None,
-        }
+    fn server() -> TrustedProxies {
+        let mut errors = Errors::default();
+        let trusted = TrustedProxies::compile(&["10.0.0.0/8".into()], "t", &mut errors);
+        assert!(errors.is_empty());
+        trusted
     }
 
     fn incoming<'a>(peer: &str, xff: Option<&'a str>) -> Incoming<'a> {

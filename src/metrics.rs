@@ -1,5 +1,8 @@
-//! Prometheus metrics. Families live here; per-route and per-backend handles are resolved once
-//! when a snapshot is compiled, so the request path never looks a label up by string.
+//! Prometheus metrics. Families live here; per-route, per-pool and per-backend handles are
+//! resolved once, when a snapshot is activated, so the request path never looks a label up
+//! by string. A compiled snapshot that was never activated counts into detached handles of
+//! its own, which no registry holds; a route, pool or backend that a reload removed has its
+//! series retired once no snapshot uses it, so `/metrics` shows only what exists.
 
 use std::sync::OnceLock;
 
@@ -36,6 +39,14 @@ pub struct Metrics {
     pub idle_connections: IntGauge,
     /// Client connections closed at once because `server.max_connections` were open.
     pub connections_refused: IntCounter,
+    /// `kingdom_edge_config_reloads_total{result="ok"}`.
+    pub reloads_ok: IntCounter,
+    /// `kingdom_edge_config_reloads_total{result="error"}`.
+    pub reloads_error: IntCounter,
+    /// The config version in force.
+    pub config_version: IntGauge,
+    /// Admin requests refused for a missing or wrong token.
+    pub admin_auth_failures: IntCounter,
 }
 
 /// `kingdom_edge_client_timeouts_total{phase}`, one handle per phase.
@@ -178,8 +189,26 @@ impl Metrics {
             "Client connections closed at once because server.max_connections were open.",
         )
         .expect("static metric definition");
+        let reloads = counter(
+            "kingdom_edge_config_reloads_total",
+            "Config reloads, by result: ok (applied) or error (refused; the old config keeps serving).",
+            &["result"],
+        );
+        let config_version = IntGauge::new(
+            "kingdom_edge_config_version",
+            "The version of the config in force: 1 at start, one more per applied reload.",
+        )
+        .expect("static metric definition");
+        let admin_auth_failures = IntCounter::new(
+            "kingdom_edge_admin_auth_failures_total",
+            "Admin API requests refused with 401: no bearer token, or a wrong one.",
+        )
+        .expect("static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reloads.clone()),
+            Box::new(config_version.clone()),
+            Box::new(admin_auth_failures.clone()),
             Box::new(client_connections.clone()),
             Box::new(idle_connections.clone()),
             Box::new(connections_refused.clone()),
@@ -219,20 +248,14 @@ impl Metrics {
             open_connections: std::sync::atomic::AtomicUsize::new(0),
             idle_connections,
             connections_refused,
+            reloads_ok: reloads.with_label_values(&["ok"]),
+            reloads_error: reloads.with_label_values(&["error"]),
+            config_version,
+            admin_auth_failures,
         }
     }
 
-    /// `kingdom_edge_backend_healthy` for one backend.
-    pub fn backend_healthy(&self, pool: &str, backend: &str) -> IntGauge {
-        self.backend_healthy.with_label_values(&[pool, backend])
-    }
-
-    /// `kingdom_edge_backend_ejected` for one backend.
-    pub fn backend_ejected(&self, pool: &str, backend: &str) -> IntGauge {
-        self.backend_ejected.with_label_values(&[pool, backend])
-    }
-
-    /// Per-pool counters, resolved once per snapshot.
+    /// Per-pool counters.
     pub fn pool(&self, pool: &str) -> PoolMetrics {
         let rejected = |reason: &str| self.pool_rejected.with_label_values(&[pool, reason]);
         let invalid = |reason: &str| self.sticky_invalid.with_label_values(&[pool, reason]);
@@ -267,7 +290,51 @@ impl Metrics {
             connect_error: counter("connect_error"),
             timeout: counter("timeout"),
             error: counter("error"),
+            healthy: self.backend_healthy.with_label_values(&[pool, backend]),
+            ejected: self.backend_ejected.with_label_values(&[pool, backend]),
         }
+    }
+
+    /// Removes every series of a backend that no longer exists.
+    pub fn retire_backend(&self, pool: &str, backend: &str) {
+        for outcome in OUTCOMES {
+            let _ = self
+                .upstream
+                .remove_label_values(&[pool, backend, outcome.as_str()]);
+        }
+        let _ = self.backend_healthy.remove_label_values(&[pool, backend]);
+        let _ = self.backend_ejected.remove_label_values(&[pool, backend]);
+    }
+
+    /// Removes every series of a pool that no longer exists.
+    pub fn retire_pool(&self, pool: &str) {
+        let _ = self.retries.remove_label_values(&[pool]);
+        for reason in ["no_backend", "max_in_flight", "sticky_strict"] {
+            let _ = self.pool_rejected.remove_label_values(&[pool, reason]);
+        }
+        for reason in ["malformed", "bad_signature", "expired"] {
+            let _ = self.sticky_invalid.remove_label_values(&[pool, reason]);
+        }
+    }
+
+    /// Removes every series of a route that no longer exists; `route` are its handles.
+    pub fn retire_route(&self, route: &RouteMetrics) {
+        let name = route.route.as_str();
+        for (i, slot) in route.codes.iter().enumerate() {
+            if slot.get().is_some() {
+                let code = (i + 100).to_string();
+                let _ = self.requests.remove_label_values(&[name, &code]);
+            }
+        }
+        let _ = self.duration.remove_label_values(&[name]);
+        let _ = self.truncated.remove_label_values(&[name]);
+    }
+
+    /// Removes the series of a sidecar process a reload removed.
+    pub fn retire_sidecar(&self, sidecar: &str, address: &str) {
+        let _ = self
+            .sidecar_restarts
+            .remove_label_values(&[sidecar, address]);
     }
 
     /// The restart counter of one sidecar process.
@@ -293,6 +360,16 @@ impl Default for Metrics {
 /// Status codes 100..=599 get a lazily created counter each.
 const CODES: usize = 500;
 
+/// An unregistered counter, for handles of a snapshot that was never activated.
+fn detached_counter() -> IntCounter {
+    IntCounter::new("kingdom_edge_detached", "not exported").expect("static metric definition")
+}
+
+/// An unregistered gauge, for handles of a snapshot that was never activated.
+fn detached_gauge() -> IntGauge {
+    IntGauge::new("kingdom_edge_detached", "not exported").expect("static metric definition")
+}
+
 /// Per-route handles: a counter per status code, created on first use, and the latency histogram.
 pub struct RouteMetrics {
     family: IntCounterVec,
@@ -304,6 +381,31 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// Handles no registry holds, for a route of a snapshot that was never activated.
+    pub fn detached(route: &str) -> Self {
+        let family = IntCounterVec::new(
+            Opts::new("kingdom_edge_detached", "not exported"),
+            &["route", "code"],
+        )
+        .expect("static metric definition");
+        Self {
+            family,
+            route: route.to_string(),
+            codes: (0..CODES).map(|_| OnceLock::new()).collect(),
+            duration: prometheus::Histogram::with_opts(HistogramOpts::new(
+                "kingdom_edge_detached",
+                "not exported",
+            ))
+            .expect("static metric definition"),
+            truncated: detached_counter(),
+        }
+    }
+
+    /// Requests answered so far (every status), for request rates.
+    pub fn total(&self) -> u64 {
+        self.duration.get_sample_count()
+    }
+
     /// Counts one answered request and its duration.
     pub fn observe(&self, status: u16, seconds: f64) {
         self.duration.observe(seconds);
@@ -318,6 +420,21 @@ impl RouteMetrics {
                 .with_label_values(&[self.route.as_str(), &status.to_string()])
         })
         .inc();
+    }
+}
+
+impl PoolMetrics {
+    /// Handles no registry holds, for a pool of a snapshot that was never activated.
+    pub fn detached() -> Self {
+        Self {
+            retries: detached_counter(),
+            rejected_no_backend: detached_counter(),
+            rejected_max_in_flight: detached_counter(),
+            rejected_sticky_strict: detached_counter(),
+            sticky_malformed: detached_counter(),
+            sticky_bad_signature: detached_counter(),
+            sticky_expired: detached_counter(),
+        }
     }
 }
 
@@ -354,6 +471,15 @@ pub enum Outcome {
     Error,
 }
 
+/// Every outcome, in label order.
+const OUTCOMES: [Outcome; 5] = [
+    Outcome::Ok,
+    Outcome::Http5xx,
+    Outcome::ConnectError,
+    Outcome::Timeout,
+    Outcome::Error,
+];
+
 impl Outcome {
     /// The label value used in metrics and logs.
     pub fn as_str(self) -> &'static str {
@@ -367,16 +493,47 @@ impl Outcome {
     }
 }
 
-/// Per-backend upstream outcome counters.
+/// Per-backend upstream outcome counters and state gauges.
 pub struct BackendMetrics {
     ok: IntCounter,
     http_5xx: IntCounter,
     connect_error: IntCounter,
     timeout: IntCounter,
     error: IntCounter,
+    /// `kingdom_edge_backend_healthy{pool,backend}`.
+    pub healthy: IntGauge,
+    /// `kingdom_edge_backend_ejected{pool,backend}`.
+    pub ejected: IntGauge,
 }
 
 impl BackendMetrics {
+    /// Handles no registry holds, for a backend of a snapshot that was never activated.
+    pub fn detached() -> Self {
+        Self {
+            ok: detached_counter(),
+            http_5xx: detached_counter(),
+            connect_error: detached_counter(),
+            timeout: detached_counter(),
+            error: detached_counter(),
+            healthy: detached_gauge(),
+            ejected: detached_gauge(),
+        }
+    }
+
+    /// Upstream attempts so far (every outcome), for request rates.
+    pub fn total(&self) -> u64 {
+        [
+            &self.ok,
+            &self.http_5xx,
+            &self.connect_error,
+            &self.timeout,
+            &self.error,
+        ]
+        .iter()
+        .map(|c| c.get())
+        .sum()
+    }
+
     /// Counts one attempt.
     pub fn record(&self, outcome: Outcome) {
         match outcome {
@@ -406,5 +563,30 @@ mod tests {
         assert!(text.contains(r#"kingdom_edge_requests_total{code="200",route="api"} 2"#));
         assert!(text.contains(r#"kingdom_edge_requests_total{code="404",route="api"} 1"#));
         assert!(text.contains(r#"kingdom_edge_request_duration_seconds_count{route="api"} 4"#));
+        assert_eq!(route.total(), 4);
+    }
+
+    #[test]
+    fn retired_series_disappear() {
+        let metrics = Metrics::new();
+        let route = metrics.route("gone");
+        route.observe(200, 0.01);
+        let backend = metrics.backend("p", "127.0.0.1:1");
+        backend.record(Outcome::Ok);
+        backend.healthy.set(1);
+        metrics.pool("p").retries.inc();
+        let kept = metrics.backend("p", "127.0.0.1:2");
+        kept.record(Outcome::Ok);
+        metrics.retire_route(&route);
+        metrics.retire_backend("p", "127.0.0.1:1");
+        metrics.retire_pool("p");
+        let text = metrics.render();
+        assert!(!text.contains("gone"), "{text}");
+        assert!(!text.contains("127.0.0.1:1\""), "{text}");
+        assert!(!text.contains("kingdom_edge_retries_total{"), "{text}");
+        assert!(
+            text.contains("127.0.0.1:2"),
+            "the backend that stays keeps its series"
+        );
     }
 }

@@ -10,7 +10,57 @@
 
 use std::time::{Duration, Instant};
 
+use crate::config::raw::{RawFailureKind, RawOutlier};
+use crate::config::Errors;
 use crate::metrics::Outcome;
+
+/// Compiles `pools.<name>.outlier` (at YAML path `at`); `None` when detection is turned off.
+pub fn compile(o: &RawOutlier, at: &str, errors: &mut Errors) -> Option<OutlierPolicy> {
+    let consecutive_failures = o.consecutive_failures.unwrap_or(5);
+    if consecutive_failures == 0 {
+        errors.push(
+            format!("{at}.consecutive_failures"),
+            "must be > 0 (got 0); use `enabled: false` to turn detection off",
+        );
+    }
+    let base_ejection = o.base_ejection.map_or(Duration::from_secs(10), |d| d.0);
+    let max_ejection = o.max_ejection.map_or(Duration::from_secs(300), |d| d.0);
+    if base_ejection.is_zero() {
+        errors.push(format!("{at}.base_ejection"), "must be > 0 (got 0s)");
+    }
+    if max_ejection < base_ejection {
+        errors.push(
+            format!("{at}.max_ejection"),
+            "must be at least base_ejection",
+        );
+    }
+    let max_ejected_percent = o.max_ejected_percent.unwrap_or(50);
+    if max_ejected_percent > 100 {
+        errors.push(
+            format!("{at}.max_ejected_percent"),
+            format!("must be 0 to 100 (got {max_ejected_percent})"),
+        );
+    }
+    let kinds = o.count.clone().unwrap_or_else(|| {
+        vec![
+            RawFailureKind::ConnectErrors,
+            RawFailureKind::Timeouts,
+            RawFailureKind::Http5xx,
+        ]
+    });
+    let count = FailureKinds {
+        connect_errors: kinds.contains(&RawFailureKind::ConnectErrors),
+        timeouts: kinds.contains(&RawFailureKind::Timeouts),
+        http_5xx: kinds.contains(&RawFailureKind::Http5xx),
+    };
+    o.enabled.unwrap_or(true).then_some(OutlierPolicy {
+        consecutive_failures,
+        base_ejection,
+        max_ejection,
+        max_ejected_percent,
+        count,
+    })
+}
 
 /// `pools.*.outlier`, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -44,13 +44,13 @@ use crate::errors::{self, Rejection};
 use crate::forwarded::{self, Forwarded, Incoming};
 use crate::live::{InFlight as BackendInFlight, PoolRequest};
 use crate::metrics::{Metrics, Outcome};
-use crate::pool::{Choice, HashKey, Pool, Unavailable};
 use crate::request;
 use crate::request::path::{self, EscapedSlashes};
 use crate::request_id;
-use crate::route::Route;
+use crate::route::{Route, RouteId};
 use crate::snapshot::{ConfigStore, Snapshot};
 use crate::sticky::Invalid;
+use crate::upstream::{Choice, HashKey, Pool, Unavailable};
 
 /// The proxy for one listener.
 pub struct EdgeProxy {
@@ -63,8 +63,6 @@ pub struct EdgeProxy {
     tls: bool,
     /// Set from SIGTERM on: HTTP/1 responses close their connection.
     draining: Arc<AtomicBool>,
-    /// `server.max_connections`, over all listeners.
-    max_connections: Option<usize>,
 }
 
 impl EdgeProxy {
@@ -77,9 +75,7 @@ impl EdgeProxy {
         tls: bool,
         draining: Arc<AtomicBool>,
     ) -> Self {
-        let max_connections = store.load().server.max_connections;
         Self {
-            max_connections,
             store,
             metrics,
             access_log,
@@ -96,7 +92,8 @@ pub struct RequestCtx {
     started: Instant,
     request_id: String,
     forwarded: Option<Forwarded>,
-    route: Option<Arc<Route>>,
+    /// The matched route, in `snapshot`.
+    route: Option<RouteId>,
     body_bytes: u64,
     rejection: Option<Rejection>,
     /// Held while the request is in its pool: `max_in_flight` and the retry budget.
@@ -152,8 +149,12 @@ impl Cut {
 }
 
 impl RequestCtx {
-    fn pool(&self) -> Option<&Arc<Pool>> {
-        self.route.as_ref().map(|r| &r.pool)
+    fn route(&self) -> Option<&Route> {
+        self.route.map(|id| self.snapshot.route(id))
+    }
+
+    fn pool(&self) -> Option<&Pool> {
+        self.route().map(|r| self.snapshot.pool(r.pool))
     }
 
     fn attempts(&self) -> u32 {
@@ -224,7 +225,8 @@ impl RequestCtx {
 
     /// [`Self::may_retry`]; `budgeted: false` for a retry that needs no room in the budget.
     fn may_retry_with(&mut self, budgeted: bool) -> bool {
-        let Some(pool) = self.route.as_ref().map(|r| r.pool.clone()) else {
+        let snapshot = self.snapshot.clone();
+        let Some(pool) = self.route.map(|id| snapshot.pool(snapshot.route(id).pool)) else {
             return false;
         };
         // A strict pin's retry only turns into its 503: it loads no backend.
@@ -333,7 +335,8 @@ impl ProxyHttp for EdgeProxy {
                 proto: header_str(req, "x-forwarded-proto"),
                 forwarded_host: header_str(req, "x-forwarded-host"),
             };
-            ctx.forwarded = Some(forwarded::resolve(&incoming, &ctx.snapshot.server));
+            let trusted = &ctx.snapshot.server.trusted_proxies;
+            ctx.forwarded = Some(forwarded::resolve(&incoming, trusted));
         }
         Ok(())
     }
@@ -342,13 +345,15 @@ impl ProxyHttp for EdgeProxy {
         if ctx.asterisk {
             return answer_options_asterisk(session, ctx).await;
         }
-        let route = match route_request(&ctx.snapshot, session.req_header_mut()) {
-            Ok(Some(route)) => route,
+        let snapshot = ctx.snapshot.clone();
+        let id = match route_request(&snapshot, session.req_header_mut()) {
+            Ok(Some(id)) => id,
             Ok(None) => return answer(session, ctx, Rejection::NoRoute).await,
             Err(rejection) => return answer(session, ctx, rejection).await,
         };
+        let route = snapshot.route(id);
+        ctx.route = Some(id);
         if let Err(rejection) = route.limits.check(&ctx.head_size) {
-            ctx.route = Some(route);
             return answer(session, ctx, rejection).await;
         }
         let req = session.req_header();
@@ -357,8 +362,7 @@ impl ProxyHttp for EdgeProxy {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let too_large = matches!((route.max_body, declared), (Some(max), Some(len)) if len > max);
-        let pool = route.pool.clone();
-        ctx.route = Some(route);
+        let pool = snapshot.pool(route.pool);
         if !session.is_upgrade_req() {
             ctx.deadline = pool.timeouts.total.map(|total| ctx.started + total);
         }
@@ -366,14 +370,14 @@ impl ProxyHttp for EdgeProxy {
             return answer(session, ctx, Rejection::BodyTooLarge).await;
         }
         let Some(request) = pool.state.start(pool.max_in_flight) else {
-            pool.metrics.rejected_max_in_flight.inc();
+            pool.state.metrics.rejected_max_in_flight.inc();
             return answer(session, ctx, Rejection::PoolSaturated).await;
         };
         ctx.pool_request = Some(request);
         if let Err(rejection) = expect_continue(session).await {
             return answer(session, ctx, rejection).await;
         }
-        (ctx.pin, ctx.pin_expires) = sticky_pin(&pool, session.req_header()).unzip();
+        (ctx.pin, ctx.pin_expires) = sticky_pin(pool, session.req_header()).unzip();
         Ok(false)
     }
 
@@ -386,7 +390,7 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<()> {
         // Chunked bodies declare no length: count what arrives.
         ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
-        match ctx.route.as_ref().and_then(|r| r.max_body) {
+        match ctx.route().and_then(|r| r.max_body) {
             Some(max) if ctx.body_bytes > max => reject(ctx, Rejection::BodyTooLarge),
             _ => Ok(()),
         }
@@ -397,17 +401,18 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some(pool) = ctx.pool().cloned() else {
+        let snapshot = ctx.snapshot.clone();
+        let Some(pool) = ctx.route.map(|id| snapshot.pool(snapshot.route(id).pool)) else {
             return reject(ctx, Rejection::Internal);
         };
         let retry = ctx.attempts();
         if retry > 0 && !ctx.resend && ctx.strict_pin_failed() {
             // Strict stickiness: the pinned backend failed this request; no other may serve it.
-            pool.metrics.rejected_sticky_strict.inc();
+            pool.state.metrics.rejected_sticky_strict.inc();
             return reject(ctx, Rejection::StickyBackendUnavailable);
         }
         if retry > 0 {
-            pool.metrics.retries.inc();
+            pool.state.metrics.retries.inc();
             let wait = pool.retries.backoff(retry, fastrand::f64());
             tokio::time::sleep(wait.min(ctx.time_left().unwrap_or(wait))).await;
         }
@@ -415,7 +420,7 @@ impl ProxyHttp for EdgeProxy {
         if left == Some(Duration::ZERO) {
             return reject(ctx, Rejection::UpstreamTimeout);
         }
-        let key = hash_key(&pool, session.req_header(), ctx.forwarded.as_ref());
+        let key = hash_key(pool, session.req_header(), ctx.forwarded.as_ref());
         // A pooled connection found closed is no fault of its backend: it may be chosen again.
         let tried = match std::mem::take(&mut ctx.resend) {
             true => &ctx.tried[..ctx.tried.len().saturating_sub(1)],
@@ -430,8 +435,8 @@ impl ProxyHttp for EdgeProxy {
                     Unavailable::StickyStrict => Rejection::StickyBackendUnavailable,
                 };
                 match why {
-                    Unavailable::StickyStrict => pool.metrics.rejected_sticky_strict.inc(),
-                    _ => pool.metrics.rejected_no_backend.inc(),
+                    Unavailable::StickyStrict => pool.state.metrics.rejected_sticky_strict.inc(),
+                    _ => pool.state.metrics.rejected_no_backend.inc(),
                 }
                 return reject(ctx, rejection);
             }
@@ -673,7 +678,12 @@ impl ProxyHttp for EdgeProxy {
     }
 
     fn admit_connection(&self) -> bool {
-        let max = self.max_connections.unwrap_or(usize::MAX);
+        let max = self
+            .store
+            .load()
+            .server
+            .max_connections
+            .unwrap_or(usize::MAX);
         let admitted = self.metrics.open_connections.fetch_update(
             Ordering::AcqRel,
             Ordering::Acquire,
@@ -747,10 +757,7 @@ impl ProxyHttp for EdgeProxy {
             (None, _) => 0,
         };
         let elapsed = ctx.started.elapsed();
-        let route_metrics = ctx
-            .route
-            .as_ref()
-            .map_or(&ctx.snapshot.unrouted, |r| &r.metrics);
+        let route_metrics = ctx.route().map_or(&ctx.snapshot.unrouted, |r| &r.metrics);
         route_metrics.observe(status, elapsed.as_secs_f64());
         if ctx.cut == Some(Cut::UpstreamTruncated) {
             route_metrics.truncated.inc();
@@ -773,7 +780,7 @@ impl ProxyHttp for EdgeProxy {
             status,
             bytes_out: session.body_bytes_sent(),
             duration_ms: elapsed.as_micros() as f64 / 1000.0,
-            route: ctx.route.as_ref().map(|r| r.name.as_str()),
+            route: ctx.route().map(|r| r.name.as_str()),
             pool: pool.map(|p| p.name.as_str()),
             backend: backend.map(|b| b.label.as_str()),
             attempts: ctx.attempts(),
@@ -825,9 +832,9 @@ fn sticky_pin(pool: &Pool, req: &RequestHeader) -> Option<(BackendId, u64)> {
         Ok((label, expires)) => pool.find(&label).map(|id| (id, expires)),
         Err(why) => {
             match why {
-                Invalid::Malformed => &pool.metrics.sticky_malformed,
-                Invalid::BadSignature => &pool.metrics.sticky_bad_signature,
-                Invalid::Expired => &pool.metrics.sticky_expired,
+                Invalid::Malformed => &pool.state.metrics.sticky_malformed,
+                Invalid::BadSignature => &pool.state.metrics.sticky_bad_signature,
+                Invalid::Expired => &pool.state.metrics.sticky_expired,
             }
             .inc();
             None
@@ -980,17 +987,18 @@ fn apply(req: &mut RequestHeader, target: Option<String>, host: Option<String>) 
 fn route_request(
     snapshot: &Snapshot,
     req: &mut RequestHeader,
-) -> std::result::Result<Option<Arc<Route>>, Rejection> {
+) -> std::result::Result<Option<RouteId>, Rejection> {
     let find = |host: Option<&str>, path: &str, method: &http::Method| {
         let path = path::for_matching(path);
-        snapshot.router.find(host, &path, method).cloned()
+        snapshot.router.find(host, &path, method)
     };
-    let Some(route) = find(request_host(req), req.uri.path(), &req.method) else {
+    let Some(id) = find(request_host(req), req.uri.path(), &req.method) else {
         return Ok(None);
     };
     if !path::has_escaped_slashes(req.uri.path()) {
-        return Ok(Some(route));
+        return Ok(Some(id));
     }
+    let route = snapshot.route(id);
     if route.escaped_slashes == EscapedSlashes::Reject {
         return Err(Rejection::BadRequest(
             "the path contains an escaped slash or backslash (`%2F`, `%5C`)",
@@ -1001,7 +1009,7 @@ fn route_request(
     let merge = snapshot.server.hygiene.merge_slashes;
     let decoded = path::decode_slashes(req.uri.path(), merge).map_err(Rejection::BadRequest)?;
     let again = find(request_host(req), &decoded, &req.method);
-    if !again.is_some_and(|again| Arc::ptr_eq(&again, &route)) {
+    if again != Some(id) {
         return Err(Rejection::BadRequest(
             "the path routes elsewhere once its escaped slashes are decoded",
         ));
@@ -1014,7 +1022,7 @@ fn route_request(
         apply(req, Some(target), None)
             .map_err(|_| Rejection::BadRequest("the decoded path is not a valid target"))?;
     }
-    Ok(Some(route))
+    Ok(Some(id))
 }
 
 /// `OPTIONS *` asks what the server supports: the edge answers it.

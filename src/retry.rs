@@ -9,6 +9,36 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::config::raw::RawRetries;
+use crate::config::Errors;
+
+/// Compiles `pools.<name>.retries` (at YAML path `at`).
+pub fn compile(r: &RawRetries, at: &str, errors: &mut Errors) -> RetryPolicy {
+    let policy = RetryPolicy {
+        attempts: r.attempts.unwrap_or(2),
+        backoff_base: r.backoff.base.map_or(Duration::from_millis(25), |d| d.0),
+        backoff_max: r.backoff.max.map_or(Duration::from_millis(250), |d| d.0),
+        budget_percent: r.budget_percent.unwrap_or(20),
+        min_concurrency: r.min_concurrency.unwrap_or(3),
+    };
+    if policy.attempts > 10 {
+        errors.push(
+            format!("{at}.attempts"),
+            format!("must be 0 to 10 (got {})", policy.attempts),
+        );
+    }
+    if policy.backoff_max < policy.backoff_base {
+        errors.push(format!("{at}.backoff.max"), "must be at least backoff.base");
+    }
+    if policy.budget_percent > 100 {
+        errors.push(
+            format!("{at}.budget_percent"),
+            format!("must be 0 to 100 (got {})", policy.budget_percent),
+        );
+    }
+    policy
+}
+
 /// `pools.*.retries`, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {

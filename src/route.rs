@@ -10,10 +10,16 @@ use http::Method;
 
 use crate::config::raw::RawRoute;
 use crate::config::Errors;
-use crate::metrics::{Metrics, RouteMetrics};
-use crate::pool::Pool;
+use crate::metrics::RouteMetrics;
 use crate::request::path::EscapedSlashes;
 use crate::request::HeadLimits;
+use crate::upstream::Pool;
+
+/// Index of a route in its snapshot's [`Router::routes`].
+pub type RouteId = usize;
+
+/// Index of a pool in its snapshot's pool list.
+pub type PoolId = usize;
 
 /// One compiled route.
 pub struct Route {
@@ -25,16 +31,18 @@ pub struct Route {
     pub path_prefix: String,
     /// Empty means any method.
     pub methods: Vec<Method>,
-    /// Where matching requests go.
-    pub pool: Arc<Pool>,
+    /// Where matching requests go: an index into the snapshot's pools.
+    pub pool: PoolId,
     /// Largest request body in bytes; `None` is no limit.
     pub max_body: Option<u64>,
     /// What a path holding `%2F` or `%5C` gets here.
     pub escaped_slashes: EscapedSlashes,
     /// Request head limits (the server's unless the route sets its own).
     pub limits: HeadLimits,
-    /// Request counters for this route.
-    pub metrics: RouteMetrics,
+    /// A digest of the route's settings, to tell a reload that changed it.
+    pub fingerprint: u64,
+    /// Request counters for this route (detached until the snapshot is activated).
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// How a route matches the request host (compared without port, case-insensitively).
@@ -81,25 +89,30 @@ impl HostMatch {
 
 /// Every route, ordered so the first match is the best one.
 pub struct Router {
-    routes: Vec<Arc<Route>>,
+    routes: Vec<Route>,
 }
 
 impl Router {
     /// The best route for this request, if any.
-    pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> Option<&Arc<Route>> {
+    pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> Option<RouteId> {
         // `admin.example.` is `admin.example`, as DNS has it.
         let host = host.map(strip_port).unwrap_or("");
         let host = host.strip_suffix('.').unwrap_or(host);
-        self.routes.iter().find(|route| {
+        self.routes.iter().position(|route| {
             route.host.matches(host)
                 && prefix_matches(&route.path_prefix, path)
                 && (route.methods.is_empty() || route.methods.contains(method))
         })
     }
 
-    /// Routes in match order.
-    pub fn routes(&self) -> &[Arc<Route>] {
+    /// Routes in match order; a [`RouteId`] indexes this.
+    pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    /// The routes, to bind them to live state.
+    pub fn routes_mut(&mut self) -> &mut [Route] {
+        &mut self.routes
     }
 }
 
@@ -126,13 +139,12 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// the file, so a route to a pool that failed to compile is not reported a second time.
 pub fn compile(
     raw: &[RawRoute],
-    pools: &[Arc<Pool>],
+    pools: &[Pool],
     declared: &[&str],
     limits: HeadLimits,
-    metrics: &Metrics,
     errors: &mut Errors,
 ) -> Router {
-    let mut routes: Vec<(usize, Arc<Route>)> = Vec::with_capacity(raw.len());
+    let mut routes: Vec<(usize, Route)> = Vec::with_capacity(raw.len());
     let mut names: Vec<&str> = Vec::new();
     for (i, route) in raw.iter().enumerate() {
         let at = format!("routes[{i}]");
@@ -226,7 +238,7 @@ pub fn compile(
             errors,
         );
 
-        let pool = pools.iter().find(|p| p.name == route.pool);
+        let pool = pools.iter().position(|p| p.name == route.pool);
         if pool.is_none() && !declared.contains(&route.pool.as_str()) {
             errors.push(
                 format!("{at}.pool"),
@@ -238,17 +250,18 @@ pub fn compile(
         };
         routes.push((
             i,
-            Arc::new(Route {
+            Route {
                 name: route.name.clone(),
                 host,
                 path_prefix,
                 methods,
-                pool: pool.clone(),
+                pool,
                 max_body,
                 escaped_slashes,
                 limits,
-                metrics: metrics.route(&route.name),
-            }),
+                fingerprint: fingerprint(route),
+                metrics: Arc::new(RouteMetrics::detached(&route.name)),
+            },
         ));
     }
     routes.sort_by(|(ia, a), (ib, b)| {
@@ -261,6 +274,14 @@ pub fn compile(
     Router {
         routes: routes.into_iter().map(|(_, r)| r).collect(),
     }
+}
+
+/// A digest of a route's settings.
+fn fingerprint(raw: &RawRoute) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    format!("{raw:?}").hash(&mut hasher);
+    hasher.finish()
 }
 
 fn valid_host(host: &str) -> bool {
@@ -284,15 +305,13 @@ mod tests {
             "listeners: []\npools:\n  a: {{ backends: [{{ address: 127.0.0.1:1 }}] }}\n  b: {{ backends: [{{ address: 127.0.0.1:2 }}] }}\nroutes:\n{yaml_routes}"
         );
         let raw: RawConfig = serde_yaml::from_str(&yaml).unwrap();
-        let metrics = Metrics::new();
-        let live = crate::live::LiveState::default();
-        let cx = crate::config::CompileContext::new(&metrics, &live);
+        let env = |_: &str| None;
         let mut errors = Errors::default();
-        let pools: Vec<Arc<Pool>> = raw
+        let pools: Vec<Pool> = raw
             .pools
             .iter()
             .map(|(name, p)| {
-                Arc::new(crate::pool::compile(name, p, "pools", &cx, &mut errors).unwrap())
+                crate::upstream::pool::compile(name, p, "pools", &env, &mut errors).unwrap()
             })
             .collect();
         let router = compile(
@@ -300,7 +319,6 @@ mod tests {
             &pools,
             &["a", "b"],
             HeadLimits::default(),
-            &metrics,
             &mut errors,
         );
         assert!(errors.is_empty(), "{errors:?}");
@@ -346,7 +364,9 @@ mod tests {
             ),
         ];
         for (host, path, method, want) in cases {
-            let got = r.find(host, path, &method).map(|route| route.name.as_str());
+            let got = r
+                .find(host, path, &method)
+                .map(|id| r.routes()[id].name.as_str());
             assert_eq!(got, want, "{host:?} {method} {path}");
         }
     }

@@ -11,6 +11,82 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::hmac;
 
+use crate::config::raw::{RawSameSite, RawSticky};
+use crate::config::{Env, Errors};
+
+/// Shortest accepted secret.
+pub const MIN_SECRET: usize = 16;
+
+/// Compiles `pools.<name>.sticky` (at YAML path `path`), reading `secret_env` through `env`;
+/// `None` when it has errors.
+pub fn compile(raw: &RawSticky, path: &str, env: Env, errors: &mut Errors) -> Option<StickyPolicy> {
+    let valid_name = !raw.cookie.is_empty()
+        && raw
+            .cookie
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !valid_name {
+        errors.push(
+            format!("{path}.cookie"),
+            format!("`{}` is not a cookie name (A-Z a-z 0-9 _ - .)", raw.cookie),
+        );
+    }
+    let ttl = raw.ttl.map_or(Duration::from_secs(1800), |d| d.0);
+    if ttl < Duration::from_secs(1) {
+        errors.push(format!("{path}.ttl"), "must be at least 1s");
+    }
+    let secret = match (&raw.secret, &raw.secret_env) {
+        (Some(_), Some(_)) => {
+            errors.push(
+                format!("{path}.secret"),
+                "give `secret` or `secret_env`, not both",
+            );
+            None
+        }
+        (Some(secret), None) => Some(secret.clone()),
+        (None, Some(var)) => {
+            let value = env(var);
+            if value.is_none() {
+                errors.push(
+                    format!("{path}.secret_env"),
+                    format!("environment variable `{var}` is not set"),
+                );
+            }
+            value
+        }
+        (None, None) => {
+            errors.push(path, "needs `secret_env` (or `secret`) to sign its cookies");
+            None
+        }
+    };
+    if let Some(secret) = &secret {
+        if secret.len() < MIN_SECRET {
+            let key = if raw.secret.is_some() {
+                "secret"
+            } else {
+                "secret_env"
+            };
+            errors.push(
+                format!("{path}.{key}"),
+                format!("the secret must be at least {MIN_SECRET} bytes"),
+            );
+        }
+    }
+    let same_site = match raw.same_site {
+        None | Some(RawSameSite::Lax) => SameSite::Lax,
+        Some(RawSameSite::Strict) => SameSite::Strict,
+        Some(RawSameSite::None) => SameSite::None,
+    };
+    let secret = secret.filter(|s| s.len() >= MIN_SECRET && valid_name)?;
+    Some(StickyPolicy::new(
+        raw.cookie.clone(),
+        ttl,
+        same_site,
+        raw.strict.unwrap_or(false),
+        secret.as_bytes(),
+    ))
+}
+
 /// `SameSite` attribute of the cookie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SameSite {

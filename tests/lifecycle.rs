@@ -436,6 +436,7 @@ fn shipped_configs_pass_check_with_only_their_documented_environment() {
     let secrets = [
         ("KINGDOM_API_SECRET", "a-secret-of-at-least-16-bytes"),
         ("KINGDOM_STICKY_SECRET", "another-secret-of-16-bytes"),
+        ("KINGDOM_ADMIN_TOKEN", "an-admin-token-of-16-bytes"),
     ];
     let (ok, said) = check_shipped("conf/edge.yaml", empty.path(), &[]);
     assert!(ok, "{said}");
@@ -457,9 +458,19 @@ fn shipped_configs_pass_check_with_only_their_documented_environment() {
         said.contains("sidecars[1].env: kingdom-api signs tokens with $KINGDOM_API_SECRET"),
         "{said}"
     );
-    let (ok, said) = check_shipped("conf/container.yaml", empty.path(), &secrets[..1]);
+    let (ok, said) = check_shipped(
+        "conf/container.yaml",
+        empty.path(),
+        &[secrets[0], secrets[2]],
+    );
     assert!(!ok);
     assert!(said.contains("KINGDOM_STICKY_SECRET"), "{said}");
+    let (ok, said) = check_shipped("conf/container.yaml", empty.path(), &secrets[..2]);
+    assert!(!ok);
+    assert!(
+        said.contains("admin.token_env: environment variable `KINGDOM_ADMIN_TOKEN` is not set"),
+        "{said}"
+    );
     // And every error is reported in one pass: missing certificates and a missing secret.
     let (ok, said) = check_shipped("conf/production.yaml", empty.path(), &secrets[1..]);
     assert!(!ok);

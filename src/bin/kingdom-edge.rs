@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kingdom_edge::config::ConfigError;
-use kingdom_edge::server::{self, StartError};
+use kingdom_edge::runtime::{self, StartError};
 use kingdom_edge::sidecar::{api, content};
 
 /// mimalloc rather than glibc's malloc: after a burst of requests it gives the freed pages
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         Command::Api(args) => block_on(api::main(args)),
         Command::Run => {
             init_tracing();
-            match server::run(&cli.config) {
+            match runtime::run(&cli.config) {
                 Ok(never) => match never {},
                 Err(StartError::Config(errors)) => {
                     print_errors(&cli.config, &errors);
@@ -74,7 +74,7 @@ fn block_on(service: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match server::check(path) {
+    match runtime::check(path) {
         Ok(s) => {
             let backends: usize = s.pools.iter().map(|p| p.backends.len()).sum();
             let processes: usize = s.sidecars.iter().map(|s| s.addresses.len()).sum();

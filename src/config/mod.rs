@@ -1,4 +1,6 @@
-//! The YAML config: parse (`raw`), locate (`lines`), compile into an immutable [`Snapshot`].
+//! The YAML config: its serde mirror (`raw`), units, the line of a YAML path (`lines`), and
+//! the error type every compile step reports with. Imports nothing else of the crate: the
+//! policies compile their own sections, and `snapshot::compile` puts them together.
 //!
 //! Errors name the YAML path and, where known, the line:
 //! `pools.content.timeouts.connect: must be > 0 (got 0s)`.
@@ -12,42 +14,20 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::live::LiveState;
-use crate::metrics::Metrics;
-use crate::snapshot::{self, Snapshot};
-
 use lines::LineIndex;
 use raw::RawConfig;
 
-/// What compiling may consult besides the file: metric families to resolve handles in, live
-/// state to attach backends to, the environment (for secrets), and the time it happens.
-pub struct CompileContext<'a> {
-    /// Metric families.
-    pub metrics: &'a Metrics,
-    /// Live state that outlives snapshots.
-    pub live: &'a LiveState,
-    /// Looks up an environment variable.
-    pub env: &'a dyn Fn(&str) -> Option<String>,
-}
+/// Looks up an environment variable: the one input besides the file that compiling reads
+/// (for secrets named by `*_env` keys), passed in so compiling stays pure and testable.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// Reads the process environment.
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-impl<'a> CompileContext<'a> {
-    /// A context on the process environment.
-    pub fn new(metrics: &'a Metrics, live: &'a LiveState) -> Self {
-        Self {
-            metrics,
-            live,
-            env: &process_env,
-        }
-    }
-}
-
 /// One problem in a config file.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
 pub struct ConfigError {
     /// YAML path such as `routes[2].pool`; empty for whole-file problems.
     pub path: String,
@@ -113,7 +93,8 @@ impl Errors {
         }
     }
 
-    fn into_located(self, index: &LineIndex) -> Vec<ConfigError> {
+    /// The errors, each with its line where the YAML path can be found in `index`.
+    pub fn into_located(self, index: &LineIndex) -> Vec<ConfigError> {
         self.0
             .into_iter()
             .map(|mut e| {
@@ -122,11 +103,6 @@ impl Errors {
             })
             .collect()
     }
-}
-
-/// Reads and compiles a config file.
-pub fn load(path: &Path, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigError>> {
-    parse(&read(path)?, cx)
 }
 
 /// Reads a config file's text.
@@ -140,9 +116,9 @@ pub fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
     })
 }
 
-/// Parses and compiles config text.
-pub fn parse(text: &str, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigError>> {
-    let index = LineIndex::new(text);
+/// Parses config text into its serde mirror: duplicate keys, then YAML syntax and shape
+/// (unknown keys, wrong types), every error with its path and line.
+pub fn parse(text: &str, index: &LineIndex) -> Result<RawConfig, Vec<ConfigError>> {
     let duplicates = index.duplicates();
     if !duplicates.is_empty() {
         return Err(duplicates
@@ -154,26 +130,12 @@ pub fn parse(text: &str, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigErro
             })
             .collect());
     }
-    let raw: RawConfig = match serde_yaml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => return Err(Errors(shape::errors(text, &e, &index)).into_located(&index)),
-    };
-    let mut errors = Errors::default();
-    let snapshot = snapshot::compile(&raw, text, cx, &mut errors);
-    match snapshot {
-        Some(snapshot) if errors.is_empty() => Ok(snapshot),
-        _ => Err(errors.into_located(&index)),
-    }
+    serde_yaml::from_str(text)
+        .map_err(|e| Errors(shape::errors(text, &e, index)).into_located(index))
 }
 
 /// Fills in the line of errors found after compiling (TLS files, for instance) by indexing
-/// the file again. Errors that already have a line keep it.
-pub fn locate(path: &Path, errors: Vec<ConfigError>) -> Vec<ConfigError> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    locate_in(&text, errors)
-}
-
-/// [`locate`] in config text already read.
+/// the text. Errors that already have a line keep it.
 pub fn locate_in(text: &str, errors: Vec<ConfigError>) -> Vec<ConfigError> {
     Errors(errors).into_located(&LineIndex::new(text))
 }
@@ -195,6 +157,3 @@ fn from_serde(e: &serde_yaml::Error) -> ConfigError {
         message,
     }
 }
-
-#[cfg(test)]
-mod tests;

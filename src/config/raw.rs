@@ -52,6 +52,11 @@ pub struct RawServer {
     pub merge_slashes: Option<bool>,
     /// Request head limits. Default: 8KiB target, 8KiB per field, 32KiB in all, 100 fields.
     pub request_limits: Option<RawRequestLimits>,
+    /// The unix socket a new process takes the listening sockets over by (`--upgrade`).
+    /// Default: /tmp/kingdom-edge-upgrade.sock.
+    pub upgrade_socket: Option<PathBuf>,
+    /// Where the process writes its pid. Default: none.
+    pub pid_file: Option<PathBuf>,
 }
 
 /// `server.request_limits:` and `routes[].request_limits:`; each key defaults to the
@@ -104,6 +109,9 @@ pub struct RawCertificate {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub address: String,
+    /// Environment variable holding the bearer token POSTs must carry. Default: none (then
+    /// the address must be loopback).
+    pub token_env: Option<String>,
 }
 
 /// One entry of `sidecars:`: a command started once per address.

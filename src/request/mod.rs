@@ -14,6 +14,32 @@ use crate::config::raw::RawRequestLimits;
 use crate::config::Errors;
 use crate::errors::Rejection;
 
+/// `server.*_timeout` for clients: what a slow client cannot stretch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// The whole request header, from its first byte.
+    pub header: std::time::Duration,
+    /// The longest pause in a request body.
+    pub body: std::time::Duration,
+    /// An idle HTTP/1 keep-alive connection, or an HTTP/2 one with no open stream.
+    pub keepalive: std::time::Duration,
+    /// A TLS handshake.
+    pub tls_handshake: std::time::Duration,
+}
+
+impl Default for ClientTimeouts {
+    /// nginx's `client_header_timeout`, `client_body_timeout` and `keepalive_timeout`.
+    fn default() -> Self {
+        use std::time::Duration;
+        Self {
+            header: Duration::from_secs(60),
+            body: Duration::from_secs(60),
+            keepalive: Duration::from_secs(75),
+            tls_handshake: Duration::from_secs(10),
+        }
+    }
+}
+
 /// `server.request_limits` (and `routes[].request_limits`): how large a request head may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadLimits {

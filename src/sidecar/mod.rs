@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod content;
+pub mod launch;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

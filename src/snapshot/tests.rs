@@ -1,21 +1,18 @@
 //! Golden tests: the shipped files compile; broken files give exact errors with path and line.
 
+use std::path::Path;
+
 use super::*;
-use crate::live::LiveState;
+use crate::access_log::AccessLogOutput;
+use crate::config::ConfigError;
 
 fn compile_text(text: &str) -> Result<Snapshot, Vec<ConfigError>> {
-    let (metrics, live) = (Metrics::new(), LiveState::default());
     // The shipped configs read their secrets from KINGDOM_* variables.
     let env = |name: &str| {
         name.starts_with("KINGDOM_")
             .then(|| "a-secret-for-tests-only".to_string())
     };
-    let cx = CompileContext {
-        metrics: &metrics,
-        live: &live,
-        env: &env,
-    };
-    parse(text, &cx)
+    compile(text, &env)
 }
 
 fn load_file(file: &str) -> Result<Snapshot, Vec<ConfigError>> {
@@ -58,10 +55,7 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(snapshot.server.threads, 2);
     assert_eq!(snapshot.server.shutdown_timeout.as_secs(), 30);
     assert!(snapshot.admin.is_none());
-    assert_eq!(
-        snapshot.access_log,
-        crate::snapshot::AccessLogOutput::Stdout
-    );
+    assert_eq!(snapshot.access_log, AccessLogOutput::Stdout);
     let pool = &snapshot.pools[0];
     assert_eq!(pool.balance, "weighted_round_robin");
     assert_eq!(pool.timeouts.connect.as_secs(), 1);
@@ -180,4 +174,65 @@ routes:
 #[test]
 fn a_valid_file_has_no_errors() {
     assert_eq!(errors(MINIMAL), Vec::<String>::new());
+}
+
+#[test]
+fn an_admin_api_reachable_from_other_hosts_needs_a_token() {
+    let with_admin = |admin: &str, env: &dyn Fn(&str) -> Option<String>| {
+        let text = format!("{MINIMAL}admin: {admin}\n");
+        compile(&text, env).map(|s| s.admin.unwrap().token)
+    };
+    let none = |_: &str| None;
+    let token = |_: &str| Some("an-admin-token-of-32-bytes-length".to_string());
+    let short = |_: &str| Some("short".to_string());
+    assert_eq!(
+        with_admin("{ address: 127.0.0.1:9090 }", &none).unwrap(),
+        None,
+        "loopback needs no token"
+    );
+    let refused = with_admin("{ address: 0.0.0.0:9090 }", &none).unwrap_err();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].path, "admin.address");
+    assert!(
+        refused[0].message.contains("reachable from other hosts"),
+        "{}",
+        refused[0].message
+    );
+    assert_eq!(
+        with_admin("{ address: 0.0.0.0:9090, token_env: T }", &token)
+            .unwrap()
+            .as_deref(),
+        Some("an-admin-token-of-32-bytes-length")
+    );
+    let unset = with_admin("{ address: 127.0.0.1:9090, token_env: T }", &none).unwrap_err();
+    assert_eq!(
+        unset[0].to_string(),
+        "line 7: admin.token_env: environment variable `T` is not set"
+    );
+    let weak = with_admin("{ address: 127.0.0.1:9090, token_env: T }", &short).unwrap_err();
+    assert!(weak[0].message.contains("at least 16 bytes"), "{weak:?}");
+}
+
+#[test]
+fn compiling_creates_no_live_state_and_activating_binds_it() {
+    use std::sync::Arc;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let live = crate::live::LiveState::new(metrics.clone());
+    let mut first = compile_text(MINIMAL).unwrap();
+    assert!(
+        !metrics.render().contains("127.0.0.1:9201"),
+        "compile registers nothing"
+    );
+    activate(&mut first, &live);
+    assert!(metrics.render().contains("127.0.0.1:9201"));
+    let mut second = compile_text(MINIMAL).unwrap();
+    activate(&mut second, &live);
+    assert!(
+        Arc::ptr_eq(
+            &first.pools[0].backends[0].state,
+            &second.pools[0].backends[0].state
+        ),
+        "an unchanged backend keeps its state"
+    );
+    assert!(Arc::ptr_eq(&first.pools[0].state, &second.pools[0].state));
 }

@@ -4,7 +4,6 @@
 //! machines live in their own modules.
 
 use std::net::SocketAddr;
-use std::ops::RangeInclusive;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,23 +13,18 @@ use http::HeaderName;
 use crate::balance::{
     BackendId, BackendView, Balancer, ConsistentHash, LeastConnections, SmoothWeightedRoundRobin,
 };
-use crate::config::raw::{
-    RawBalance, RawFailureKind, RawHashKey, RawHashSource, RawPanic, RawPool, RawProbeKind,
-    RawSameSite,
-};
-use crate::config::{CompileContext, Errors};
-use crate::health::{HealthPolicy, Probe};
+use crate::config::raw::{RawBalance, RawHashKey, RawHashSource, RawPanic, RawPool};
+use crate::config::{Env, Errors};
+use crate::health::{self, HealthPolicy};
 use crate::live::{BackendState, PoolState};
-use crate::metrics::{BackendMetrics, Outcome, PoolMetrics};
-use crate::outlier::{Admission, FailureKinds, OutlierPolicy, Transition};
-use crate::retry::RetryPolicy;
+use crate::metrics::Outcome;
+use crate::outlier::{self, Admission, OutlierPolicy, Transition};
+use crate::retry::{self, RetryPolicy};
 use crate::slow_start;
-use crate::sticky::{SameSite, StickyPolicy};
+use crate::sticky::{self, StickyPolicy};
 
 /// Upper bound for a backend weight, as in nginx (weights are relative, not capacities).
 pub const MAX_WEIGHT: u32 = 1000;
-/// Shortest accepted sticky secret.
-pub const MIN_STICKY_SECRET: usize = 16;
 
 /// A pool of interchangeable upstream backends.
 pub struct Pool {
@@ -59,10 +53,12 @@ pub struct Pool {
     pub slow_start: Option<Duration>,
     /// Sticky sessions.
     pub sticky: Option<StickyPolicy>,
-    /// Live state shared with the previous snapshots of this pool.
+    /// A digest of the pool's settings other than its backends, to tell a reload that
+    /// changed its policies.
+    pub fingerprint: u64,
+    /// Live state (in flight, retry budget, counters), shared with the other snapshots of
+    /// this pool once activated.
     pub state: Arc<PoolState>,
-    /// Pool counters.
-    pub metrics: PoolMetrics,
 }
 
 /// One upstream address in a pool.
@@ -73,9 +69,8 @@ pub struct Backend {
     pub label: String,
     /// Configured relative share of requests.
     pub weight: u32,
-    /// Upstream outcome counters.
-    pub metrics: BackendMetrics,
-    /// Health, breaker, in-flight count.
+    /// Health, breaker, in-flight count, drain, counters: shared with the other snapshots
+    /// that hold this backend once activated.
     pub state: Arc<BackendState>,
 }
 
@@ -154,6 +149,7 @@ impl BackendView for View<'_> {
     fn usable(&self, id: BackendId) -> bool {
         !self.tried.contains(&id)
             && !self.refused.contains(&id)
+            && !self.pool.backends[id].state.is_drained()
             && (self.everyone || self.pool.available(id, self.now))
     }
 
@@ -192,10 +188,12 @@ impl Pool {
         self.backends.iter().position(|b| b.label == label)
     }
 
-    /// Healthy (or unchecked) and not ejected.
+    /// Healthy (or unchecked), not ejected and not drained.
     pub fn available(&self, id: BackendId, now: Instant) -> bool {
         let state = &self.backends[id].state;
-        state.health().healthy && (self.outlier.is_none() || state.breaker().usable(now))
+        !state.is_drained()
+            && state.health().healthy
+            && (self.outlier.is_none() || state.breaker().usable(now))
     }
 
     /// Chooses a backend for one attempt: the sticky `pin` if usable, else the balancer's
@@ -258,6 +256,10 @@ impl Pool {
         if tried.len() >= self.backends.len() {
             return Err(Unavailable::Exhausted);
         }
+        if self.backends.iter().all(|b| b.state.is_drained()) {
+            // Operators drained the whole pool: no panic mode overrides that.
+            return Err(Unavailable::FailClosed);
+        }
         match self.panic {
             PanicMode::FailClosed => Err(Unavailable::FailClosed),
             PanicMode::FailOpen => {
@@ -292,7 +294,7 @@ impl Pool {
         let Some(backend) = self.backends.get(id) else {
             return;
         };
-        backend.metrics.record(outcome);
+        backend.state.metrics.record(outcome);
         let Some(policy) = &self.outlier else { return };
         let may_eject =
             outcome == Outcome::Ok || self.ejected(now) < policy.ejection_cap(self.backends.len());
@@ -302,12 +304,12 @@ impl Pool {
             .on_result(now, outcome, policy, may_eject);
         match transition {
             Some(Transition::Ejected(length)) => {
-                backend.state.ejected_gauge.set(1);
+                backend.state.metrics.ejected.set(1);
                 backend.state.set_available(false, now);
                 tracing::warn!(pool = %self.name, backend = %backend.label, ?length, outcome = outcome.as_str(), "backend ejected");
             }
             Some(Transition::Closed) => {
-                backend.state.ejected_gauge.set(0);
+                backend.state.metrics.ejected.set(0);
                 backend.state.set_available(true, now);
                 tracing::info!(pool = %self.name, backend = %backend.label, "backend readmitted");
             }
@@ -349,7 +351,7 @@ impl Pool {
             self.end_ejection(backend.address, now);
         }
         if let Some(healthy) = changed {
-            backend.state.healthy_gauge.set(i64::from(healthy));
+            backend.state.metrics.healthy.set(i64::from(healthy));
             // The first pass admits a backend at full weight: it was never seen down.
             if !first_pass {
                 backend.state.set_available(healthy, now);
@@ -370,12 +372,13 @@ impl Pool {
     }
 }
 
-/// Compiles `pools.<name>`. Errors go to `errors` under `path`.
+/// Compiles `pools.<name>`, with detached state (see `snapshot::activate`). Errors go to
+/// `errors` under `path`; `env` gives the sticky secret.
 pub fn compile(
     name: &str,
     raw: &RawPool,
     path: &str,
-    cx: &CompileContext,
+    env: Env,
     errors: &mut Errors,
 ) -> Option<Pool> {
     let start = errors.len();
@@ -388,7 +391,7 @@ pub fn compile(
     let health = raw
         .health_check
         .as_ref()
-        .and_then(|h| compile_health(h, &format!("{path}.health_check"), errors));
+        .and_then(|h| health::compile(h, &format!("{path}.health_check"), errors));
     let mut backends: Vec<Backend> = Vec::with_capacity(raw.backends.len());
     for (i, backend) in raw.backends.iter().enumerate() {
         let at = format!("{path}.backends[{i}]");
@@ -412,8 +415,7 @@ pub fn compile(
         }
         let label = address.to_string();
         backends.push(Backend {
-            metrics: cx.metrics.backend(name, &label),
-            state: cx.live.backend(name, address, health.is_some(), cx.metrics),
+            state: Arc::new(BackendState::detached(health.is_some())),
             address,
             label,
             weight,
@@ -437,12 +439,12 @@ pub fn compile(
         nonzero(errors, &format!("{path}.timeouts.{key}"), value);
     }
 
-    let outlier = compile_outlier(raw, path, errors);
-    let retries = compile_retries(raw, path, errors);
+    let outlier = outlier::compile(&raw.outlier, &format!("{path}.outlier"), errors);
+    let retries = retry::compile(&raw.retries, &format!("{path}.retries"), errors);
     let sticky = raw
         .sticky
         .as_ref()
-        .and_then(|s| compile_sticky(s, &format!("{path}.sticky"), cx, errors));
+        .and_then(|s| sticky::compile(s, &format!("{path}.sticky"), env, errors));
     if let Some(0) = raw.limits.max_in_flight {
         errors.push(
             format!("{path}.limits.max_in_flight"),
@@ -507,263 +509,38 @@ pub fn compile(
         retries,
         slow_start: raw.slow_start.map(|d| d.0),
         sticky,
-        state: cx.live.pool(name),
-        metrics: cx.metrics.pool(name),
+        fingerprint: fingerprint(raw),
+        state: Arc::new(PoolState::detached()),
     })
+}
+
+/// A digest of everything in `raw` but its backends.
+fn fingerprint(raw: &RawPool) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let settings = format!(
+        "{:?}",
+        (
+            &raw.balance,
+            &raw.hash_key,
+            &raw.timeouts,
+            &raw.health_check,
+            &raw.outlier,
+            &raw.panic,
+            &raw.limits,
+            &raw.retries,
+            &raw.slow_start,
+            &raw.sticky,
+        )
+    );
+    let mut hasher = DefaultHasher::new();
+    settings.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn nonzero(errors: &mut Errors, path: &str, value: Duration) {
     if value.is_zero() {
         errors.push(path, "must be > 0 (got 0s)");
     }
-}
-
-fn compile_health(
-    raw: &crate::config::raw::RawHealthCheck,
-    path: &str,
-    errors: &mut Errors,
-) -> Option<HealthPolicy> {
-    let start = errors.len();
-    let interval = raw.interval.map_or(Duration::from_secs(2), |d| d.0);
-    let timeout = raw.timeout.map_or(Duration::from_secs(1), |d| d.0);
-    nonzero(errors, &format!("{path}.interval"), interval);
-    nonzero(errors, &format!("{path}.timeout"), timeout);
-    let (rise, fall) = (raw.rise.unwrap_or(2), raw.fall.unwrap_or(3));
-    for (key, value) in [("rise", rise), ("fall", fall)] {
-        if value == 0 {
-            errors.push(format!("{path}.{key}"), "must be > 0 (got 0)");
-        }
-    }
-    let probe = match raw.kind.unwrap_or(RawProbeKind::Http) {
-        RawProbeKind::Tcp => {
-            for (key, set) in [
-                ("path", raw.path.is_some()),
-                ("host", raw.host.is_some()),
-                ("expected_statuses", raw.expected_statuses.is_some()),
-            ] {
-                if set {
-                    errors.push(format!("{path}.{key}"), "only used with `type: http`");
-                }
-            }
-            Probe::Tcp
-        }
-        RawProbeKind::Http => {
-            let check_path = raw.path.clone().unwrap_or_else(|| "/healthz".to_string());
-            if !check_path.starts_with('/') || !is_request_token(&check_path) {
-                errors.push(
-                    format!("{path}.path"),
-                    format!("must start with `/` and hold no spaces or control characters (got {check_path:?})"),
-                );
-            }
-            if let Some(host) = raw
-                .host
-                .as_deref()
-                .filter(|h| h.is_empty() || !is_request_token(h))
-            {
-                errors.push(
-                    format!("{path}.host"),
-                    format!(
-                        "must be a host name without spaces or control characters (got {host:?})"
-                    ),
-                );
-            }
-            let mut statuses = Vec::new();
-            for (i, value) in raw.expected_statuses.iter().flatten().enumerate() {
-                match status_range(value) {
-                    Some(range) => statuses.push(range),
-                    None => errors.push(
-                        format!("{path}.expected_statuses[{i}]"),
-                        "must be a status (200), a range (\"200-399\") or a class (\"2xx\")",
-                    ),
-                }
-            }
-            if statuses.is_empty() {
-                statuses.push(200..=399);
-            }
-            Probe::Http {
-                path: check_path,
-                host: raw.host.clone(),
-                statuses,
-            }
-        }
-    };
-    (errors.len() == start).then_some(HealthPolicy {
-        probe,
-        interval,
-        timeout,
-        rise,
-        fall,
-    })
-}
-
-/// Text that can go into a request line or header as is: visible ASCII only.
-fn is_request_token(text: &str) -> bool {
-    text.bytes().all(|b| b.is_ascii_graphic())
-}
-
-fn status_range(value: &serde_yaml::Value) -> Option<RangeInclusive<u16>> {
-    let valid = |r: RangeInclusive<u16>| {
-        (100 <= *r.start() && r.start() <= r.end() && *r.end() <= 599).then_some(r)
-    };
-    if let Some(n) = value.as_u64() {
-        let n = u16::try_from(n).ok()?;
-        return valid(n..=n);
-    }
-    let text = value.as_str()?;
-    if let Some(class) = text.strip_suffix("xx") {
-        let digit: u16 = class.parse().ok().filter(|d| (1..=5).contains(d))?;
-        return valid(digit * 100..=digit * 100 + 99);
-    }
-    let (low, high) = text.split_once('-')?;
-    valid(low.trim().parse().ok()?..=high.trim().parse().ok()?)
-}
-
-fn compile_outlier(raw: &RawPool, path: &str, errors: &mut Errors) -> Option<OutlierPolicy> {
-    let o = &raw.outlier;
-    let at = format!("{path}.outlier");
-    let consecutive_failures = o.consecutive_failures.unwrap_or(5);
-    if consecutive_failures == 0 {
-        errors.push(
-            format!("{at}.consecutive_failures"),
-            "must be > 0 (got 0); use `enabled: false` to turn detection off",
-        );
-    }
-    let base_ejection = o.base_ejection.map_or(Duration::from_secs(10), |d| d.0);
-    let max_ejection = o.max_ejection.map_or(Duration::from_secs(300), |d| d.0);
-    nonzero(errors, &format!("{at}.base_ejection"), base_ejection);
-    if max_ejection < base_ejection {
-        errors.push(
-            format!("{at}.max_ejection"),
-            "must be at least base_ejection",
-        );
-    }
-    let max_ejected_percent = o.max_ejected_percent.unwrap_or(50);
-    if max_ejected_percent > 100 {
-        errors.push(
-            format!("{at}.max_ejected_percent"),
-            format!("must be 0 to 100 (got {max_ejected_percent})"),
-        );
-    }
-    let kinds = o.count.clone().unwrap_or_else(|| {
-        vec![
-            RawFailureKind::ConnectErrors,
-            RawFailureKind::Timeouts,
-            RawFailureKind::Http5xx,
-        ]
-    });
-    let count = FailureKinds {
-        connect_errors: kinds.contains(&RawFailureKind::ConnectErrors),
-        timeouts: kinds.contains(&RawFailureKind::Timeouts),
-        http_5xx: kinds.contains(&RawFailureKind::Http5xx),
-    };
-    o.enabled.unwrap_or(true).then_some(OutlierPolicy {
-        consecutive_failures,
-        base_ejection,
-        max_ejection,
-        max_ejected_percent,
-        count,
-    })
-}
-
-fn compile_retries(raw: &RawPool, path: &str, errors: &mut Errors) -> RetryPolicy {
-    let r = &raw.retries;
-    let at = format!("{path}.retries");
-    let policy = RetryPolicy {
-        attempts: r.attempts.unwrap_or(2),
-        backoff_base: r.backoff.base.map_or(Duration::from_millis(25), |d| d.0),
-        backoff_max: r.backoff.max.map_or(Duration::from_millis(250), |d| d.0),
-        budget_percent: r.budget_percent.unwrap_or(20),
-        min_concurrency: r.min_concurrency.unwrap_or(3),
-    };
-    if policy.attempts > 10 {
-        errors.push(
-            format!("{at}.attempts"),
-            format!("must be 0 to 10 (got {})", policy.attempts),
-        );
-    }
-    if policy.backoff_max < policy.backoff_base {
-        errors.push(format!("{at}.backoff.max"), "must be at least backoff.base");
-    }
-    if policy.budget_percent > 100 {
-        errors.push(
-            format!("{at}.budget_percent"),
-            format!("must be 0 to 100 (got {})", policy.budget_percent),
-        );
-    }
-    policy
-}
-
-fn compile_sticky(
-    raw: &crate::config::raw::RawSticky,
-    path: &str,
-    cx: &CompileContext,
-    errors: &mut Errors,
-) -> Option<StickyPolicy> {
-    let valid_name = !raw.cookie.is_empty()
-        && raw
-            .cookie
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if !valid_name {
-        errors.push(
-            format!("{path}.cookie"),
-            format!("`{}` is not a cookie name (A-Z a-z 0-9 _ - .)", raw.cookie),
-        );
-    }
-    let ttl = raw.ttl.map_or(Duration::from_secs(1800), |d| d.0);
-    if ttl < Duration::from_secs(1) {
-        errors.push(format!("{path}.ttl"), "must be at least 1s");
-    }
-    let secret = match (&raw.secret, &raw.secret_env) {
-        (Some(_), Some(_)) => {
-            errors.push(
-                format!("{path}.secret"),
-                "give `secret` or `secret_env`, not both",
-            );
-            None
-        }
-        (Some(secret), None) => Some(secret.clone()),
-        (None, Some(var)) => {
-            let value = (cx.env)(var);
-            if value.is_none() {
-                errors.push(
-                    format!("{path}.secret_env"),
-                    format!("environment variable `{var}` is not set"),
-                );
-            }
-            value
-        }
-        (None, None) => {
-            errors.push(path, "needs `secret_env` (or `secret`) to sign its cookies");
-            None
-        }
-    };
-    if let Some(secret) = &secret {
-        if secret.len() < MIN_STICKY_SECRET {
-            let key = if raw.secret.is_some() {
-                "secret"
-            } else {
-                "secret_env"
-            };
-            errors.push(
-                format!("{path}.{key}"),
-                format!("the secret must be at least {MIN_STICKY_SECRET} bytes"),
-            );
-        }
-    }
-    let same_site = match raw.same_site {
-        None | Some(RawSameSite::Lax) => SameSite::Lax,
-        Some(RawSameSite::Strict) => SameSite::Strict,
-        Some(RawSameSite::None) => SameSite::None,
-    };
-    let secret = secret.filter(|s| s.len() >= MIN_STICKY_SECRET && valid_name)?;
-    Some(StickyPolicy::new(
-        raw.cookie.clone(),
-        ttl,
-        same_site,
-        raw.strict.unwrap_or(false),
-        secret.as_bytes(),
-    ))
 }
 
 #[cfg(test)]

@@ -3,12 +3,17 @@
 //!
 //! Children get `--exit-on-stdin-eof` and a pipe for stdin, so they also exit when the proxy
 //! dies without a chance to stop them (SIGKILL, crash).
+//!
+//! [`Supervisor::reconcile`] follows the config: a sidecar address that is new starts a
+//! process, one that is gone stops its process, and one whose command, arguments or
+//! environment changed is restarted (the new process starts once the old one has exited, as
+//! both need the address).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -17,10 +22,10 @@ use prometheus::IntCounter;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::metrics::Metrics;
-use crate::snapshot::Sidecar;
+use crate::sidecar::launch::{self, Sidecar};
 
 /// First restart delay; doubles on each quick exit up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -36,9 +41,14 @@ pub type OnBack = Box<dyn Fn(SocketAddr) + Send + Sync>;
 
 /// Supervises every sidecar process.
 pub struct Supervisor {
-    processes: Vec<Arc<Process>>,
+    /// The processes the config asks for, by address.
+    processes: Mutex<HashMap<SocketAddr, Arc<Process>>>,
+    /// Processes a reload removed or replaced, until their last child has exited.
+    retiring: Mutex<Vec<Arc<Process>>>,
+    /// The runtime the children are spawned and awaited on (the supervisor's service).
+    runtime: OnceLock<tokio::runtime::Handle>,
+    metrics: Arc<Metrics>,
     stopping: AtomicBool,
-    stop_requested: Notify,
     running: Mutex<usize>,
     exited: Condvar,
     on_back: OnBack,
@@ -50,6 +60,11 @@ struct Process {
     address: SocketAddr,
     pid: AtomicU32,
     restarts: IntCounter,
+    /// Set when a reload removed or replaced it: it is stopped and not restarted.
+    retired: AtomicBool,
+    wake: Notify,
+    /// True once its last child has exited and it will start no other.
+    finished: watch::Sender<bool>,
 }
 
 /// A child's state, for `/status`.
@@ -63,56 +78,93 @@ pub struct ProcessStatus {
 }
 
 impl Supervisor {
-    /// Plans one process per address of every sidecar; nothing starts until [`Self::run`].
-    /// `on_back` hears of each restarted child once it listens again.
-    pub fn new(sidecars: &[Sidecar], metrics: &Metrics, on_back: OnBack) -> Self {
-        let processes = sidecars
-            .iter()
-            .flat_map(|s| {
-                s.addresses.iter().map(|address| {
-                    Arc::new(Process {
-                        sidecar: s.clone(),
-                        address: *address,
-                        pid: AtomicU32::new(0),
-                        restarts: metrics.sidecar_restarts(&s.name, &address.to_string()),
-                    })
-                })
-            })
-            .collect();
+    /// A supervisor with nothing to run yet; `on_back` hears of each restarted child once it
+    /// listens again.
+    pub fn new(metrics: Arc<Metrics>, on_back: OnBack) -> Self {
         Self {
-            processes,
+            processes: Mutex::default(),
+            retiring: Mutex::default(),
+            runtime: OnceLock::new(),
+            metrics,
             stopping: AtomicBool::new(false),
-            stop_requested: Notify::new(),
             running: Mutex::new(0),
             exited: Condvar::new(),
             on_back,
         }
     }
 
-    /// Starts every child and keeps them running until [`Self::stop`].
-    pub async fn run(self: Arc<Self>) {
-        let tasks: Vec<_> = self
-            .processes
+    /// Starts the children of `sidecars` on the calling runtime, where later
+    /// reconciliations start theirs too.
+    pub fn start(self: &Arc<Self>, sidecars: &[Sidecar]) {
+        let _ = self.runtime.set(tokio::runtime::Handle::current());
+        self.reconcile(sidecars);
+    }
+
+    /// Makes the running processes those of `sidecars`: starts what is new, stops what is
+    /// gone, restarts what changed. Returns at once; the processes follow.
+    pub fn reconcile(self: &Arc<Self>, sidecars: &[Sidecar]) {
+        let Some(runtime) = self.runtime.get() else {
+            return;
+        };
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let wanted: Vec<(SocketAddr, &Sidecar)> = sidecars
             .iter()
-            .map(|p| tokio::spawn(self.clone().keep_running(p.clone())))
+            .flat_map(|s| s.addresses.iter().map(move |a| (*a, s)))
             .collect();
-        for task in tasks {
-            let _ = task.await;
+        let mut processes = lock(&self.processes);
+        let mut retiring = lock(&self.retiring);
+        retiring.retain(|p| !*p.finished.borrow());
+        processes.retain(|address, process| {
+            let keep = wanted
+                .iter()
+                .any(|(a, s)| a == address && s.same_process(&process.sidecar));
+            if !keep {
+                process.retire();
+                retiring.push(process.clone());
+                if !wanted.iter().any(|(a, _)| a == address) {
+                    self.metrics
+                        .retire_sidecar(&process.sidecar.name, &address.to_string());
+                }
+            }
+            keep
+        });
+        drop(retiring);
+        for (address, sidecar) in wanted {
+            if processes.contains_key(&address) {
+                continue;
+            }
+            let process = Arc::new(Process {
+                sidecar: sidecar.clone(),
+                address,
+                pid: AtomicU32::new(0),
+                restarts: self
+                    .metrics
+                    .sidecar_restarts(&sidecar.name, &address.to_string()),
+                retired: AtomicBool::new(false),
+                wake: Notify::new(),
+                finished: watch::Sender::new(false),
+            });
+            processes.insert(address, process.clone());
+            runtime.spawn(self.clone().keep_running(process));
         }
     }
 
     async fn keep_running(self: Arc<Self>, process: Arc<Process>) {
+        // A replaced process still holds the address until it exits.
+        self.predecessors_gone(&process).await;
         let name = &process.sidecar.name;
         let mut backoff = MIN_BACKOFF;
         let mut first = true;
-        while !self.stopping.load(Ordering::Acquire) {
+        while process.wanted(&self) {
             if !first {
                 process.restarts.inc();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = self.stop_requested.notified() => break,
+                    _ = process.wake.notified() => {}
                 }
-                if self.stopping.load(Ordering::Acquire) {
+                if !process.wanted(&self) {
                     break;
                 }
             }
@@ -120,7 +172,7 @@ impl Supervisor {
             first = false;
             let started = Instant::now();
             match self.run_once(&process, restarted).await {
-                Ok(status) if self.stopping.load(Ordering::Acquire) => {
+                Ok(status) if !process.wanted(&self) => {
                     tracing::info!(sidecar = %name, address = %process.address, %status, "sidecar stopped")
                 }
                 Ok(status) => {
@@ -132,6 +184,19 @@ impl Supervisor {
             }
             backoff = next_backoff(backoff, started.elapsed());
         }
+        process.finished.send_replace(true);
+    }
+
+    /// Waits until no earlier process of `address` (one a reload replaced) still runs.
+    async fn predecessors_gone(&self, process: &Process) {
+        let earlier: Vec<watch::Receiver<bool>> = lock(&self.retiring)
+            .iter()
+            .filter(|p| p.address == process.address)
+            .map(|p| p.finished.subscribe())
+            .collect();
+        for mut finished in earlier {
+            let _ = finished.wait_for(|done| *done).await;
+        }
     }
 
     async fn run_once(
@@ -139,7 +204,7 @@ impl Supervisor {
         process: &Process,
         restarted: bool,
     ) -> std::io::Result<std::process::ExitStatus> {
-        let program = resolve(&process.sidecar.command).ok_or_else(|| {
+        let program = launch::resolve(&process.sidecar.command).ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!(
@@ -171,6 +236,10 @@ impl Supervisor {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(relay(err, process.sidecar.name.clone(), process.address));
         }
+        // Retired while it started: stop it now (the retirement found no pid to signal).
+        if !process.wanted(self) {
+            process.terminate();
+        }
         let wait = child.wait();
         tokio::pin!(wait);
         let mut exited = None;
@@ -198,12 +267,12 @@ impl Supervisor {
     /// Stops restarting children and sends each a SIGTERM. Returns at once.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        self.stop_requested.notify_waiters();
-        for process in &self.processes {
-            let pid = process.pid.load(Ordering::Acquire);
-            if pid != 0 {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            }
+        for process in lock(&self.processes).values() {
+            process.wake.notify_waiters();
+            process.terminate();
+        }
+        for process in lock(&self.retiring).iter() {
+            process.terminate();
         }
     }
 
@@ -217,22 +286,51 @@ impl Supervisor {
         *count == 0
     }
 
-    /// Every child's pid and restart count.
+    /// Every child's pid and restart count, by address.
     pub fn status(&self) -> Vec<ProcessStatus> {
-        self.processes
-            .iter()
+        let processes = lock(&self.processes);
+        let mut status: Vec<ProcessStatus> = processes
+            .values()
             .map(|p| ProcessStatus {
                 sidecar: p.sidecar.name.clone(),
                 address: p.address.to_string(),
                 pid: Some(p.pid.load(Ordering::Acquire)).filter(|pid| *pid != 0),
                 restarts: p.restarts.get(),
             })
-            .collect()
+            .collect();
+        status.sort_by(|a, b| (&a.sidecar, &a.address).cmp(&(&b.sidecar, &b.address)));
+        status
     }
 
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, usize> {
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_running(&self) -> MutexGuard<'_, usize> {
+        lock(&self.running)
     }
+}
+
+impl Process {
+    /// Whether it should (still) run.
+    fn wanted(&self, supervisor: &Supervisor) -> bool {
+        !self.retired.load(Ordering::Acquire) && !supervisor.stopping.load(Ordering::Acquire)
+    }
+
+    /// Stops it for good: a reload removed or replaced it.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+        self.terminate();
+    }
+
+    /// Sends the running child, if any, a SIGTERM.
+    fn terminate(&self) {
+        let pid = self.pid.load(Ordering::Acquire);
+        if pid != 0 {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The delay before the next restart, after a child that ran for `ran` was restarted after
@@ -261,56 +359,6 @@ async fn listening_within(address: SocketAddr, wait: Duration) -> bool {
     false
 }
 
-/// How to start a sidecar.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Program {
-    /// The executable.
-    pub path: PathBuf,
-    /// For a service built into `kingdom-edge` itself, the subcommand that runs it.
-    pub builtin: Option<&'static str>,
-}
-
-/// Finds a sidecar: a path as given; else a binary of that name next to our own executable,
-/// else on PATH; else, for `kingdom-content` and `kingdom-api`, the copy of the service built
-/// into this binary (so `cargo run` works before the sidecar binaries are built).
-pub fn resolve(command: &str) -> Option<Program> {
-    if command.contains('/') {
-        return Some(Program {
-            path: PathBuf::from(command),
-            builtin: None,
-        });
-    }
-    let exe = std::env::current_exe().ok();
-    let beside = exe
-        .as_ref()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(command)));
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|dir| dir.join(command));
-    if let Some(path) = beside.into_iter().chain(on_path).find(|p| is_executable(p)) {
-        return Some(Program {
-            path,
-            builtin: None,
-        });
-    }
-    let builtin = match command {
-        "kingdom-content" => "content",
-        "kingdom-api" => "api",
-        _ => return None,
-    };
-    exe.map(|path| Program {
-        path,
-        builtin: Some(builtin),
-    })
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 async fn relay(stream: impl AsyncRead + Unpin, sidecar: String, address: SocketAddr) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -320,6 +368,7 @@ async fn relay(stream: impl AsyncRead + Unpin, sidecar: String, address: SocketA
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn restarts_back_off_while_a_child_keeps_crashing() {
@@ -335,17 +384,5 @@ mod tests {
             [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
         );
         assert_eq!(next_backoff(MAX_BACKOFF, STABLE_AFTER), MIN_BACKOFF);
-    }
-
-    use super::*;
-
-    #[test]
-    fn resolves_paths_and_path_lookups() {
-        let found = |command| resolve(command).map(|p| (p.path, p.builtin));
-        assert_eq!(found("/bin/true"), Some((PathBuf::from("/bin/true"), None)));
-        assert!(found("sh").is_some_and(|(p, b)| p.ends_with("sh") && b.is_none()));
-        assert_eq!(found("no-such-binary-kingdom"), None);
-        // Built into kingdom-edge, when no binary of that name is installed.
-        assert!(found("kingdom-api").is_some());
     }
 }

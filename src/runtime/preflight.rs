@@ -9,9 +9,8 @@ use std::path::Path;
 use crate::config::raw::{RawConfig, RawSidecar};
 use crate::config::ConfigError;
 use crate::sidecar::api::MIN_SECRET;
-use crate::snapshot::CertificateFiles;
-use crate::supervisor;
-use crate::tls;
+use crate::sidecar::launch;
+use crate::tls::{self, CertificateFiles};
 
 /// The environment variable the API sidecar reads its token secret from, unless its
 /// `--secret-env` says otherwise.
@@ -49,7 +48,7 @@ pub fn verify(raw: &RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Vec<Conf
     }
     for (i, sidecar) in raw.sidecars.iter().enumerate() {
         let at = format!("sidecars[{i}]");
-        match supervisor::resolve(&sidecar.command) {
+        match launch::resolve(&sidecar.command) {
             None => push(
                 format!("{at}.command"),
                 format!(

@@ -18,8 +18,9 @@ use prometheus::IntGauge;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast::{self, error::RecvError};
 
+use super::supervisor::Supervisor;
 use crate::access_log::AccessLog;
-use crate::supervisor::Supervisor;
+use crate::snapshot::ConfigStore;
 
 /// How often the drain checks the in-flight count.
 const POLL: Duration = Duration::from_millis(10);
@@ -30,8 +31,8 @@ const SIDECAR_GRACE: Duration = Duration::from_secs(5);
 /// `SIGTERM` graceful stop, `SIGINT` immediate stop (also during the lame-duck period),
 /// `SIGQUIT` Pingora's graceful upgrade.
 pub struct Signals {
-    /// The lame-duck period.
-    pub delay: Duration,
+    /// The config in force: its `server.shutdown_delay` is the lame-duck period.
+    pub store: Arc<ConfigStore>,
     /// Set at SIGTERM, for `/ready` and `Connection: close`.
     pub draining: Arc<AtomicBool>,
 }
@@ -47,12 +48,12 @@ impl ShutdownSignalWatch for Signals {
             _ = next(&mut interrupt) => ShutdownSignal::FastShutdown,
             _ = next(&mut terminate) => {
                 self.draining.store(true, Ordering::Release);
+                let delay = self.store.load().server.shutdown_delay;
                 tracing::info!(
-                    "SIGTERM: not ready; listeners keep accepting for {:?}, then drain",
-                    self.delay
+                    "SIGTERM: not ready; listeners keep accepting for {delay:?}, then drain"
                 );
                 tokio::select! {
-                    _ = tokio::time::sleep(self.delay) => ShutdownSignal::GracefulTerminate,
+                    _ = tokio::time::sleep(delay) => ShutdownSignal::GracefulTerminate,
                     _ = next(&mut interrupt) => ShutdownSignal::FastShutdown,
                     _ = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
                 }
@@ -81,8 +82,8 @@ async fn next(signal: &mut Option<Signal>) {
 pub struct Drain {
     /// Requests in progress.
     pub in_flight: IntGauge,
-    /// Longest wait for them.
-    pub timeout: Duration,
+    /// The config in force: its `server.shutdown_timeout` is the longest wait for them.
+    pub store: Arc<ConfigStore>,
     /// Sidecars to stop once requests are done.
     pub supervisor: Arc<Supervisor>,
     /// Set when the drain starts, for `/ready`.
@@ -113,7 +114,7 @@ impl Drain {
 
     fn drain_and_exit(&self) -> ! {
         self.draining.store(true, Ordering::Release);
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.store.load().server.shutdown_timeout;
         tracing::info!(in_flight = self.in_flight.get(), "draining");
         while self.in_flight.get() > 0 && Instant::now() < deadline {
             thread::sleep(POLL);

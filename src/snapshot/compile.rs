@@ -1,179 +1,43 @@
-//! The compiled, immutable config. A request loads one snapshot and uses it throughout, so a
-//! reload landing mid-request never mixes two configs.
+//! `compile`: config text to a [`Snapshot`], pure. Each section is compiled by the module
+//! that uses it (pools by `upstream`, routes by `route`, health checks by `health`, …); this
+//! file puts them together and checks what spans sections (one address, one bind).
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
-use ring::digest;
-
+use super::{AdminSettings, Listener, ServerSettings, Snapshot, DEFAULT_UPGRADE_SOCKET};
+use crate::access_log::AccessLogOutput;
+use crate::config::lines::LineIndex;
 use crate::config::raw::RawConfig;
 use crate::config::units::Dur;
-use crate::config::{CompileContext, Errors};
+use crate::config::{self, ConfigError, Env, Errors};
+use crate::forwarded::TrustedProxies;
 use crate::metrics::{RouteMetrics, NO_ROUTE};
-use crate::pool::{self, Pool};
-use crate::request::{HeadLimits, Hygiene};
-use crate::route::{self, Router};
+use crate::request::{ClientTimeouts, HeadLimits, Hygiene};
+use crate::route;
+use crate::sidecar::launch::Sidecar;
+use crate::tls::{CertificateFiles, TlsSettings};
+use crate::upstream::pool::{self, Pool};
 
-/// Everything a request or a supervisor needs from the config.
-pub struct Snapshot {
-    /// Counts loads in this process: 1 for the first, then one more per successful reload.
-    pub version: u64,
-    /// First 12 hex digits of the SHA-256 of the file text.
-    pub digest: String,
-    /// `server:`.
-    pub server: ServerSettings,
-    /// `listeners:`.
-    pub listeners: Vec<Listener>,
-    /// `admin:`; `None` runs no admin listener.
-    pub admin: Option<AdminSettings>,
-    /// `sidecars:`.
-    pub sidecars: Vec<Sidecar>,
-    /// `pools:`, by name order.
-    pub pools: Vec<Arc<Pool>>,
-    /// `routes:`.
-    pub router: Router,
-    /// Where access-log lines go.
-    pub access_log: AccessLogOutput,
-    /// Counters for requests that matched no route.
-    pub unrouted: RouteMetrics,
-}
-
-impl Snapshot {
-    /// Whether some route sends requests to `pool`.
-    pub fn is_routed(&self, pool: &Pool) -> bool {
-        self.router
-            .routes()
-            .iter()
-            .any(|r| r.pool.name == pool.name)
+/// Compiles config text into a snapshot, or every error in the file with its YAML path and
+/// line. Pure: it reads nothing but `text` and, for secrets named by `*_env` keys, `env`; it
+/// creates no live state, registers no metric and starts nothing, so `check` needs no
+/// runtime and a refused file leaves nothing behind. The snapshot counts into detached
+/// state until [`activate`](super::activate) binds it.
+pub fn compile(text: &str, env: Env) -> Result<Snapshot, Vec<ConfigError>> {
+    let index = LineIndex::new(text);
+    let raw = config::parse(text, &index)?;
+    let mut errors = Errors::default();
+    match compile_raw(&raw, text, env, &mut errors) {
+        Some(snapshot) if errors.is_empty() => Ok(snapshot),
+        _ => Err(errors.into_located(&index)),
     }
 }
 
-/// `server:`.
-pub struct ServerSettings {
-    /// Worker threads per listener service.
-    pub threads: usize,
-    /// Longest SIGTERM waits for in-flight requests.
-    pub shutdown_timeout: Duration,
-    /// The lame-duck period between SIGTERM and the drain.
-    pub shutdown_delay: Duration,
-    /// Peers whose forwarding headers are believed.
-    pub trusted_proxies: Vec<IpNet>,
-    /// Path normalization and request head limits.
-    pub hygiene: Hygiene,
-    /// How long a client may take, phase by phase.
-    pub client_timeouts: ClientTimeouts,
-    /// Most client connections open at once; `None` is no cap.
-    pub max_connections: Option<usize>,
-}
-
-/// `server.*_timeout` for clients: what a slow client cannot stretch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientTimeouts {
-    /// The whole request header, from its first byte.
-    pub header: Duration,
-    /// The longest pause in a request body.
-    pub body: Duration,
-    /// An idle HTTP/1 keep-alive connection, or an HTTP/2 one with no open stream.
-    pub keepalive: Duration,
-    /// A TLS handshake.
-    pub tls_handshake: Duration,
-}
-
-impl Default for ClientTimeouts {
-    /// nginx's `client_header_timeout`, `client_body_timeout` and `keepalive_timeout`.
-    fn default() -> Self {
-        Self {
-            header: Duration::from_secs(60),
-            body: Duration::from_secs(60),
-            keepalive: Duration::from_secs(75),
-            tls_handshake: Duration::from_secs(10),
-        }
-    }
-}
-
-impl ServerSettings {
-    /// Whether a peer at `ip` may tell us who the client is.
-    pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|net| net.contains(&ip))
-    }
-}
-
-/// One client-facing listener.
-pub struct Listener {
-    /// `listeners[].name`.
-    pub name: String,
-    /// Where it binds.
-    pub address: SocketAddr,
-    /// TLS settings; `None` is plain HTTP/1.1.
-    pub tls: Option<TlsSettings>,
-    /// `Host` for HTTP/1.0 requests that send none.
-    pub default_host: String,
-    /// HTTP/2 with prior knowledge (cleartext) besides HTTP/1.1; plain listeners only.
-    pub h2c: bool,
-}
-
-/// TLS termination for a listener.
-pub struct TlsSettings {
-    /// Served by SNI; the first is the default for clients that send no matching name.
-    pub certificates: Vec<CertificateFiles>,
-    /// Offer `h2` through ALPN.
-    pub http2: bool,
-}
-
-/// One certificate chain and key, with the YAML path for errors while loading them.
-pub struct CertificateFiles {
-    /// PEM chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-    /// `listeners[i].tls.certificates[j]`.
-    pub yaml_path: String,
-}
-
-/// The admin listener.
-pub struct AdminSettings {
-    /// Where it binds; loopback in the shipped configs.
-    pub address: SocketAddr,
-}
-
-/// A supervised upstream process, started once per address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sidecar {
-    /// `sidecars[].name`, used in logs.
-    pub name: String,
-    /// Binary name or path.
-    pub command: String,
-    /// One process per address, each given `--listen ADDR`.
-    pub addresses: Vec<SocketAddr>,
-    /// Extra arguments.
-    pub args: Vec<String>,
-    /// Extra environment.
-    pub env: BTreeMap<String, String>,
-}
-
-/// `access_log.output`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessLogOutput {
-    /// No access log.
-    Off,
-    /// One JSON line per request on standard output.
-    Stdout,
-    /// Appended to this file.
-    File(PathBuf),
-}
-
-/// Compiles a parsed file: no I/O, and the time and environment come from `cx`. `None` or a
-/// non-empty `errors` means failure.
-pub fn compile(
-    raw: &RawConfig,
-    text: &str,
-    cx: &CompileContext,
-    errors: &mut Errors,
-) -> Option<Snapshot> {
+/// Compiles a parsed file. `None` or a non-empty `errors` means failure.
+fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Option<Snapshot> {
     let server = compile_server(raw, errors);
     let mut binds = Binds::default();
 
@@ -245,7 +109,8 @@ pub fn compile(
     let admin = raw.admin.as_ref().and_then(|a| {
         let address = errors.address("admin.address", &a.address)?;
         binds.claim("admin.address".to_string(), address, errors);
-        Some(AdminSettings { address })
+        let token = admin_token(a.token_env.as_deref(), address, env, errors);
+        Some(AdminSettings { address, token })
     });
 
     let mut sidecars = Vec::new();
@@ -280,11 +145,10 @@ pub fn compile(
     if raw.pools.is_empty() {
         errors.push("pools", "at least one pool is needed");
     }
-    let pools: Vec<Arc<Pool>> = raw
+    let pools: Vec<Pool> = raw
         .pools
         .iter()
-        .filter_map(|(name, p)| pool::compile(name, p, &format!("pools.{name}"), cx, errors))
-        .map(Arc::new)
+        .filter_map(|(name, p)| pool::compile(name, p, &format!("pools.{name}"), env, errors))
         .collect();
     if raw.routes.is_empty() {
         errors.push("routes", "at least one route is needed");
@@ -293,7 +157,7 @@ pub fn compile(
     let limits = server
         .as_ref()
         .map_or_else(Default::default, |s| s.hygiene.limits);
-    let router = route::compile(&raw.routes, &pools, &declared, limits, cx.metrics, errors);
+    let router = route::compile(&raw.routes, &pools, &declared, limits, errors);
 
     let access_log = match raw.access_log.output.as_deref() {
         None | Some("stdout") => AccessLogOutput::Stdout,
@@ -317,7 +181,7 @@ pub fn compile(
         });
     Some(Snapshot {
         version: 1,
-        digest: hex_prefix(digest::digest(&digest::SHA256, text.as_bytes()).as_ref()),
+        digest: super::digest_of(text),
         server,
         listeners,
         admin,
@@ -325,9 +189,51 @@ pub fn compile(
         pools,
         router,
         access_log,
-        unrouted: cx.metrics.route(NO_ROUTE),
+        unrouted: Arc::new(RouteMetrics::detached(NO_ROUTE)),
     })
 }
+
+/// The admin token named by `admin.token_env`. Without one, only a loopback address is
+/// allowed: anyone who can reach the admin API could otherwise reload or drain.
+fn admin_token(
+    token_env: Option<&str>,
+    address: SocketAddr,
+    env: Env,
+    errors: &mut Errors,
+) -> Option<String> {
+    let Some(var) = token_env else {
+        if !address.ip().is_loopback() {
+            errors.push(
+                "admin.address",
+                format!(
+                    "{address} is reachable from other hosts: set `admin.token_env` to a variable \
+                     holding a token of at least {MIN_ADMIN_TOKEN} bytes, or bind to loopback"
+                ),
+            );
+        }
+        return None;
+    };
+    match env(var) {
+        None => {
+            errors.push(
+                "admin.token_env",
+                format!("environment variable `{var}` is not set"),
+            );
+            None
+        }
+        Some(token) if token.len() < MIN_ADMIN_TOKEN => {
+            errors.push(
+                "admin.token_env",
+                format!("the token in `{var}` must be at least {MIN_ADMIN_TOKEN} bytes"),
+            );
+            None
+        }
+        Some(token) => Some(token),
+    }
+}
+
+/// Shortest accepted admin token.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings> {
     let s = &raw.server;
@@ -341,17 +247,18 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
     }
     let shutdown_timeout = s.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0);
     let shutdown_delay = s.shutdown_delay.map_or(Duration::ZERO, |d| d.0);
-    let mut trusted_proxies = Vec::new();
-    for (i, text) in s.trusted_proxies.iter().enumerate() {
-        let net = text
-            .parse::<IpNet>()
-            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
-        match net {
-            Ok(net) => trusted_proxies.push(net),
-            Err(_) => errors.push(
-                format!("server.trusted_proxies[{i}]"),
-                format!("`{text}` is not an IP address or CIDR range"),
-            ),
+    let trusted_proxies =
+        TrustedProxies::compile(&s.trusted_proxies, "server.trusted_proxies", errors);
+    let upgrade_socket = s
+        .upgrade_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCKET));
+    for (key, path) in [
+        ("upgrade_socket", Some(&upgrade_socket)),
+        ("pid_file", s.pid_file.as_ref()),
+    ] {
+        if path.is_some_and(|p| p.as_os_str().is_empty()) {
+            errors.push(format!("server.{key}"), "must not be empty");
         }
     }
     let limits = HeadLimits::compile(
@@ -402,6 +309,8 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
         hygiene,
         client_timeouts,
         max_connections,
+        upgrade_socket,
+        pid_file: s.pid_file.clone(),
     })
 }
 
@@ -424,28 +333,5 @@ impl Binds {
             );
         }
         self.0.push((path, address));
-    }
-}
-
-fn hex_prefix(bytes: &[u8]) -> String {
-    bytes.iter().take(6).map(|b| format!("{b:02x}")).collect()
-}
-
-/// The current snapshot, swapped whole on reload; readers never block.
-pub struct ConfigStore {
-    current: arc_swap::ArcSwap<Snapshot>,
-}
-
-impl ConfigStore {
-    /// Starts with the first loaded snapshot.
-    pub fn new(first: Snapshot) -> Self {
-        Self {
-            current: arc_swap::ArcSwap::from_pointee(first),
-        }
-    }
-
-    /// The snapshot to use for one whole request.
-    pub fn load(&self) -> Arc<Snapshot> {
-        self.current.load_full()
     }
 }

@@ -1,6 +1,7 @@
-//! Assembles the running proxy from a snapshot: Pingora listeners, admin API, sidecar
-//! supervisor, drain watcher.
+//! Assembles the running proxy from the first snapshot: Pingora listeners, admin API, sidecar
+//! supervisor, health checks, reload triggers, drain watcher.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -15,86 +16,53 @@ use pingora::server::Server;
 use pingora::server::{RunArgs, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
+use super::reload::Reloader;
+use super::shutdown::{Drain, Signals};
+use super::supervisor::Supervisor;
+use super::{health_checks, load, watch, StartError};
 use crate::access_log::AccessLog;
-use crate::admin::{self, AdminState};
-use crate::config::raw::RawConfig;
-use crate::config::{self, CompileContext, ConfigError};
-use crate::health;
+use crate::admin::{self, AdminState, Control};
+use crate::config::{self, process_env};
 use crate::live::LiveState;
 use crate::metrics::Metrics;
-use crate::preflight;
 use crate::proxy::EdgeProxy;
-use crate::shutdown::{Drain, Signals};
-use crate::snapshot::{ConfigStore, ServerSettings, Snapshot};
-use crate::supervisor::Supervisor;
-use crate::tls;
+use crate::snapshot::{self, ConfigStore, ReloadReport, ServerSettings, Trigger};
+use crate::tls::{self, CertificateStore};
 
-/// Why the proxy could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The config file is invalid; each error names its YAML path.
-    #[error("invalid config")]
-    Config(Vec<ConfigError>),
-    /// A socket could not be bound.
-    #[error("cannot listen on {address} ({what}): {source}")]
-    Bind {
-        address: SocketAddr,
-        what: String,
-        source: std::io::Error,
-    },
-    /// The access log could not be opened.
-    #[error("{0}")]
-    AccessLog(std::io::Error),
-}
-
-/// Loads and fully validates a config file, including what it needs from the machine
-/// (certificates, files, sidecar commands and secrets), without starting anything. This is
-/// what `kingdom-edge check` runs.
-pub fn check(path: &Path) -> Result<Snapshot, Vec<ConfigError>> {
-    let (metrics, live) = (Metrics::new(), LiveState::default());
-    load_verified(path, &CompileContext::new(&metrics, &live))
-}
-
-/// Compiles the file and runs the preflight checks, reporting every error of both in one
-/// pass, in file order.
-fn load_verified(path: &Path, cx: &CompileContext) -> Result<Snapshot, Vec<ConfigError>> {
-    let text = config::read(path)?;
-    let compiled = config::parse(&text, cx);
-    let machine = match serde_yaml::from_str::<RawConfig>(&text) {
-        Ok(raw) => config::locate_in(&text, preflight::verify(&raw, cx.env)),
-        // The parse error is already among the compile errors.
-        Err(_) => Vec::new(),
-    };
-    match compiled {
-        Ok(snapshot) if machine.is_empty() => Ok(snapshot),
-        Ok(_) => Err(machine),
-        Err(mut errors) => {
-            errors.extend(machine);
-            errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
-            Err(errors)
-        }
-    }
-}
+/// How often state that no snapshot holds any more is dropped (see `LiveState::reap`).
+const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the proxy until a signal stops it. Does not return on success: SIGTERM drains and
 /// exits, SIGINT exits at once.
 pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
-    let metrics = Arc::new(Metrics::new());
-    let live = Arc::new(LiveState::default());
-    let snapshot =
-        load_verified(path, &CompileContext::new(&metrics, &live)).map_err(StartError::Config)?;
+    // Until the reload task handles it, SIGHUP must not end the process (its default).
+    let _ = ignore_sighup();
+    let text = config::read(path).map_err(StartError::Config)?;
+    let mut snapshot = load(&text, &process_env).map_err(StartError::Config)?;
 
+    let mut certificates = HashMap::new();
     let mut tls_settings = Vec::new();
     let mut errors = Vec::new();
     for listener in &snapshot.listeners {
-        match listener.tls.as_ref().map(tls::listener_settings) {
-            Some(Ok(settings)) => tls_settings.push(Some(settings)),
-            Some(Err(e)) => errors.extend(e),
-            None => tls_settings.push(None),
+        let Some(settings) = &listener.tls else {
+            tls_settings.push(None);
+            continue;
+        };
+        let store = match tls::load_all(settings) {
+            Ok(certs) => Arc::new(CertificateStore::new(certs)),
+            Err(e) => {
+                errors.extend(e);
+                continue;
+            }
+        };
+        match tls::listener_settings(settings, store.clone()) {
+            Ok(pingora_tls) => tls_settings.push(Some(pingora_tls)),
+            Err(e) => errors.extend(e),
         }
+        certificates.insert(listener.name.clone(), store);
     }
     if !errors.is_empty() {
-        return Err(StartError::Config(config::locate(path, errors)));
+        return Err(StartError::Config(config::locate_in(&text, errors)));
     }
 
     // Bind-check every address now, so a port in use is one clear error before anything starts.
@@ -106,12 +74,16 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         None => None,
     };
 
+    let metrics = Arc::new(Metrics::new());
+    let live = Arc::new(LiveState::new(metrics.clone()));
+    snapshot::activate(&mut snapshot, &live);
     let access_log = Arc::new(
         AccessLog::open(&snapshot.access_log, metrics.clone()).map_err(StartError::AccessLog)?,
     );
     let store = Arc::new(ConfigStore::new(snapshot));
+    metrics.config_version.set(1);
     let snapshot = store.load();
-    let supervisor = Arc::new(Supervisor::new(&snapshot.sidecars, &metrics, {
+    let supervisor = Arc::new(Supervisor::new(metrics.clone(), {
         let store = store.clone();
         Box::new(move |address| {
             let now = std::time::Instant::now();
@@ -120,13 +92,21 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
             }
         })
     }));
+    let reloader = Arc::new(Reloader::new(
+        path.to_path_buf(),
+        &text,
+        store.clone(),
+        live.clone(),
+        access_log.clone(),
+        supervisor.clone(),
+        certificates,
+    ));
     let draining = Arc::new(AtomicBool::new(false));
-    let shutdown_timeout = snapshot.server.shutdown_timeout;
 
     let mut conf = ServerConf {
         threads: snapshot.server.threads,
         // Pingora's own grace period is only the backstop: the drain watcher exits earlier.
-        grace_period_seconds: Some(shutdown_timeout.as_secs() + 1),
+        grace_period_seconds: Some(snapshot.server.shutdown_timeout.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
@@ -179,35 +159,66 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
 
     server.add_service(background_service(
         "sidecars",
-        Task(Box::new({
-            let supervisor = supervisor.clone();
-            move || Box::pin(supervisor.clone().run())
-        })),
+        Task::new({
+            let (supervisor, store) = (supervisor.clone(), store.clone());
+            move || {
+                supervisor.start(&store.load().sidecars);
+                Box::pin(std::future::pending())
+            }
+        }),
     ));
     server.add_service(background_service(
         "access-log rotation",
-        Task(Box::new({
+        Task::new({
             let access_log = access_log.clone();
             move || Box::pin(reopen_on_sigusr1(access_log.clone()))
-        })),
+        }),
     ));
     server.add_service(background_service(
         "health checks",
-        Task(Box::new({
+        Task::new({
             let store = store.clone();
-            move || Box::pin(health::run(store.clone()))
-        })),
+            move || Box::pin(health_checks::run(store.clone()))
+        }),
+    ));
+    server.add_service(background_service(
+        "reload",
+        Task::new({
+            let reloader = reloader.clone();
+            move || Box::pin(watch::reload_on_triggers(reloader.clone()))
+        }),
+    ));
+    server.add_service(background_service(
+        "live-state reaper",
+        Task::new({
+            let live = live.clone();
+            move || {
+                let live = live.clone();
+                Box::pin(async move {
+                    let mut every = tokio::time::interval(REAP_EVERY);
+                    loop {
+                        every.tick().await;
+                        live.reap();
+                    }
+                })
+            }
+        }),
     ));
     if let Some(listener) = admin_listener {
         let state = AdminState {
             store: store.clone(),
             metrics: metrics.clone(),
-            supervisor: supervisor.clone(),
+            control: Arc::new(RuntimeControl {
+                reloader: reloader.clone(),
+                supervisor: supervisor.clone(),
+            }),
             draining: draining.clone(),
+            started: std::time::Instant::now(),
+            rates: Default::default(),
         };
         server.add_service(background_service(
             "admin",
-            Task(Box::new(move || {
+            Task::new(move || {
                 let listener = listener.try_clone();
                 let state = state.clone();
                 Box::pin(async move {
@@ -216,17 +227,17 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
                         Err(e) => tracing::error!("admin listener: {e}"),
                     }
                 })
-            })),
+            }),
         ));
     }
 
     let signals = Signals {
-        delay: snapshot.server.shutdown_delay,
+        store: store.clone(),
         draining: draining.clone(),
     };
     let drain = Drain {
         in_flight: metrics.in_flight.clone(),
-        timeout: shutdown_timeout,
+        store: store.clone(),
         supervisor,
         draining,
         access_log,
@@ -253,6 +264,31 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
     supervisor.stop();
     access_log.flush(Duration::from_secs(1));
     std::process::exit(0)
+}
+
+/// Ignores SIGHUP, whose default is to end the process, until a handler takes it over.
+fn ignore_sighup() -> nix::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installing SIG_IGN runs no code in the handler, so nothing can be unsound.
+    unsafe { sigaction(Signal::SIGHUP, &ignore) }.map(|_| ())
+}
+
+/// What the admin API may ask of the runtime.
+struct RuntimeControl {
+    reloader: Arc<Reloader>,
+    supervisor: Arc<Supervisor>,
+}
+
+#[async_trait]
+impl Control for RuntimeControl {
+    async fn reload(&self) -> Arc<ReloadReport> {
+        self.reloader.reload(Trigger::Admin).await
+    }
+
+    fn sidecars(&self) -> serde_json::Value {
+        serde_json::json!(self.supervisor.status())
+    }
 }
 
 /// Reopens the access log on every `SIGUSR1` (as nginx does), for log rotation.
@@ -292,6 +328,12 @@ type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
 
 /// A background task for Pingora's server: started once, runs until the process exits.
 struct Task(Box<dyn Fn() -> BoxFuture + Send + Sync>);
+
+impl Task {
+    fn new(start: impl Fn() -> BoxFuture + Send + Sync + 'static) -> Self {
+        Self(Box::new(start))
+    }
+}
 
 #[async_trait]
 impl BackgroundService for Task {

@@ -5,8 +5,6 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::config::raw::RawConfig;
-use crate::live::LiveState;
-use crate::metrics::Metrics;
 
 struct Fixture {
     pool: Pool,
@@ -16,16 +14,10 @@ struct Fixture {
 fn pool(yaml: &str) -> Fixture {
     let text = format!("listeners: []\npools:\n  p:\n{yaml}\nroutes: []\n");
     let raw: RawConfig = serde_yaml::from_str(&text).unwrap();
-    let (metrics, live) = (Metrics::new(), LiveState::default());
     let t0 = Instant::now();
     let env = |_: &str| Some("a-sticky-secret-for-tests".to_string());
-    let cx = CompileContext {
-        metrics: &metrics,
-        live: &live,
-        env: &env,
-    };
     let mut errors = Errors::default();
-    let pool = compile("p", &raw.pools["p"], "pools.p", &cx, &mut errors);
+    let pool = compile("p", &raw.pools["p"], "pools.p", &env, &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
     Fixture {
         pool: pool.unwrap(),
@@ -52,7 +44,7 @@ fn five_failures_eject_a_backend_until_a_probe_succeeds() {
         !picks(&f, f.t0, 30).contains(&1),
         "ejected backend gets nothing"
     );
-    assert_eq!(f.pool.backends[1].state.ejected_gauge.get(), 1);
+    assert_eq!(f.pool.backends[1].state.metrics.ejected.get(), 1);
 
     // After base_ejection (10s) exactly one request probes it.
     let t1 = f.t0 + Duration::from_secs(10);
@@ -64,7 +56,7 @@ fn five_failures_eject_a_backend_until_a_probe_succeeds() {
     }
     assert_eq!(probes, 1);
     f.pool.record(1, t1, Outcome::Ok);
-    assert_eq!(f.pool.backends[1].state.ejected_gauge.get(), 0);
+    assert_eq!(f.pool.backends[1].state.metrics.ejected.get(), 0);
     assert!(picks(&f, t1, 30).contains(&1), "readmitted");
 }
 
@@ -86,7 +78,7 @@ fn health_checks_gate_traffic_and_new_backends_wait_for_their_first_pass() {
     let f = pool(&format!(
         "{THREE}\n    health_check: {{ path: /healthz, rise: 2, fall: 2 }}"
     ));
-    assert_eq!(f.pool.backends[0].state.healthy_gauge.get(), 0);
+    assert_eq!(f.pool.backends[0].state.metrics.healthy.get(), 0);
     // Nobody has passed a check yet: panic mode (fail_open by default) spreads over all.
     let mut first = picks(&f, f.t0, 3);
     first.sort();
@@ -238,16 +230,10 @@ fn policy_errors_name_their_path() {
     for (extra, want) in cases {
         let text = format!("listeners: []\npools:\n  p:\n{THREE}\n{extra}\nroutes: []\n");
         let raw: RawConfig = serde_yaml::from_str(&text).unwrap();
-        let (metrics, live) = (Metrics::new(), LiveState::default());
         let env = |_: &str| None;
-        let cx = CompileContext {
-            metrics: &metrics,
-            live: &live,
-            env: &env,
-        };
         let mut errors = Errors::default();
         assert!(
-            compile("p", &raw.pools["p"], "pools.p", &cx, &mut errors).is_none(),
+            compile("p", &raw.pools["p"], "pools.p", &env, &mut errors).is_none(),
             "{extra}"
         );
         assert_eq!(errors.rendered(), [want], "{extra}");
@@ -267,4 +253,32 @@ fn slow_start_ramps_a_backend_its_checks_saw_recover() {
     f.pool.record_probe(0, t1, true, "200".into());
     let share = picks(&f, t1, 210).iter().filter(|id| **id == 0).count();
     assert!((5..=15).contains(&share), "{share} of 210");
+}
+
+#[test]
+fn a_drained_backend_gets_no_new_requests_even_in_panic_mode() {
+    let f = pool(THREE);
+    f.pool.backends[1].state.set_drained(true);
+    assert!(!picks(&f, f.t0, 30).contains(&1));
+    assert!(!f.pool.available(1, f.t0));
+    // Every other backend ejected: fail_open spreads over what is left, never the drained one.
+    for id in [0, 2] {
+        for _ in 0..5 {
+            f.pool.record(id, f.t0, Outcome::ConnectError);
+        }
+    }
+    for _ in 0..10 {
+        assert_ne!(f.pool.choose(f.t0, None, None, &[]).map(|c| c.id), Ok(1));
+    }
+    // A pin to the drained backend re-pins.
+    let choice = f.pool.choose(f.t0, Some(1), None, &[]).unwrap();
+    assert_ne!(choice.id, 1);
+    for b in &f.pool.backends {
+        b.state.set_drained(true);
+    }
+    assert_eq!(
+        f.pool.choose(f.t0, None, None, &[]),
+        Err(Unavailable::FailClosed),
+        "a wholly drained pool answers 503"
+    );
 }
