@@ -120,9 +120,23 @@ impl Edge {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("edge.yaml");
         std::fs::write(&config, yaml).unwrap();
+        Edge::start_at(binary, dir, &config, &[], proxy, admin).await
+    }
+
+    /// Starts `binary` with the config at `config` (laid out in `dir` by the caller) and the
+    /// extra environment `env`; waits until the admin API answers `/health`.
+    pub async fn start_at(
+        binary: &Path,
+        dir: tempfile::TempDir,
+        config: &Path,
+        env: &[(&str, &str)],
+        proxy: SocketAddr,
+        admin: SocketAddr,
+    ) -> Edge {
         let child = Command::new(binary)
             .arg("-c")
-            .arg(&config)
+            .arg(config)
+            .envs(env.iter().copied())
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
@@ -258,6 +272,57 @@ impl Edge {
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("edge.yaml")
     }
+
+    /// Replaces the config file as editors do: writes a new file and renames it over the old
+    /// one, so the proxy never reads half a file.
+    pub fn rewrite(&self, yaml: &str) {
+        let staged = self.dir.path().join(".edge.yaml.swp");
+        std::fs::write(&staged, yaml).unwrap();
+        std::fs::rename(&staged, self.config_path()).unwrap();
+    }
+
+    /// Replaces the config file and waits until the proxy serves it (the file watch reloads
+    /// it); returns the new config version.
+    pub async fn apply(&self, yaml: &str) -> u64 {
+        self.rewrite(yaml);
+        self.wait_digest(&kingdom_edge::snapshot::digest_of(yaml))
+            .await
+    }
+
+    /// Waits until the config in force has `digest`; returns its version.
+    pub async fn wait_digest(&self, digest: &str) -> u64 {
+        let url = format!("http://{}/status", self.admin);
+        wait_for(&format!("config {digest} to be in force"), || {
+            let status = get_json_opt(url.clone());
+            async move {
+                let status = status.await?;
+                (status["config"]["digest"] == digest)
+                    .then(|| status["config"]["version"].as_u64())?
+            }
+        })
+        .await
+    }
+
+    /// `POST <path>` on the admin API with an optional bearer token: status and JSON body.
+    pub async fn post(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+        let mut request = client().post(format!("http://{}{path}", self.admin));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
+    }
+
+    /// `POST /reload` (no token).
+    pub async fn reload(&self) -> (u16, serde_json::Value) {
+        self.post("/reload", None).await
+    }
+}
+
+/// GET `url` as JSON, `None` on any failure.
+pub async fn get_json_opt(url: String) -> Option<serde_json::Value> {
+    client().get(url).send().await.ok()?.json().await.ok()
 }
 
 impl Drop for Edge {
@@ -656,4 +721,45 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// An upstream that accepts WebSocket handshakes and echoes the bytes that follow each.
+pub async fn websocket_echo_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                if !text.contains("upgrade: websocket") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                    )
+                    .await;
+                loop {
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
 }
