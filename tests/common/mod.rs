@@ -110,6 +110,19 @@ impl Edge {
         Edge::start_binary(&bin("kingdom-edge"), yaml, proxy, admin).await
     }
 
+    /// [`Edge::start`] with extra environment variables.
+    pub async fn start_env(
+        yaml: &str,
+        env: &[(&str, &str)],
+        proxy: SocketAddr,
+        admin: SocketAddr,
+    ) -> Edge {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("edge.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        Edge::start_at(&bin("kingdom-edge"), dir, &config, env, proxy, admin).await
+    }
+
     /// [`Edge::start`] with a given `kingdom-edge` executable.
     pub async fn start_binary(
         binary: &Path,
