@@ -43,6 +43,8 @@ const QUEUE: usize = 16 * 1024;
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// How often the writer checks that the file's path still names the file it writes.
 const ROTATION_CHECK: Duration = Duration::from_secs(1);
+/// How long a change of output waits for room in a full queue.
+const SWITCH_WAIT: Duration = Duration::from_secs(1);
 /// At most one report of lost lines on stderr per this long.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 
@@ -129,11 +131,27 @@ impl AccessLog {
         if *current == *output {
             return Ok(false);
         }
-        let opened = Output::open(output)?;
-        // Blocks only while the queue is full: the writer drains it in batches.
-        self.queue
-            .send(Message::Switch(opened))
-            .map_err(|_| io::Error::other("the access-log writer has stopped"))?;
+        let mut message = Message::Switch(Output::open(output)?);
+        // The queue is full only while the writer is behind; a writer stuck on a hung disk
+        // must not hang the reload.
+        let deadline = Instant::now() + SWITCH_WAIT;
+        loop {
+            match self.queue.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    thread::sleep(BATCH_WINDOW);
+                }
+                Err(TrySendError::Full(_)) => {
+                    return Err(io::Error::other(
+                        "the access-log writer is stuck: its queue stayed full",
+                    ))
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(io::Error::other("the access-log writer has stopped"))
+                }
+            }
+        }
         self.enabled
             .store(*output != AccessLogOutput::Off, Ordering::Release);
         *current = output.clone();

@@ -4,11 +4,11 @@
 //! route name), so a reload that keeps a backend keeps its state.
 //!
 //! A compiled snapshot holds detached state of its own; `snapshot::activate` swaps in the
-//! shared objects from here (creating what is new). What a reload removed stays as long as
-//! an older snapshot, or a request still in flight on one, holds it; [`LiveState::reap`]
-//! then drops it and retires its metric series.
+//! shared objects from here (creating what is new). What a reload removed loses its metric
+//! series once nothing is in flight to it, and its state once no snapshot holds it
+//! ([`LiveState::reap`]); added again, it starts afresh.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,9 +22,25 @@ use crate::retry::{RetryBudget, RetryPolicy};
 /// Every backend's, pool's and route's live state, with the metric families they count in.
 pub struct LiveState {
     metrics: Arc<Metrics>,
-    backends: Mutex<HashMap<(String, SocketAddr), Arc<BackendState>>>,
+    backends: Mutex<HashMap<BackendKey, Arc<BackendState>>>,
     pools: Mutex<HashMap<String, Arc<PoolState>>>,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    /// What the snapshot in force holds; `None` until one is published.
+    in_force: Mutex<Option<InForce>>,
+}
+
+/// A backend's stable id: its pool's name and its address.
+pub type BackendKey = (String, SocketAddr);
+
+/// The ids the snapshot in force holds: everything else is on its way out.
+#[derive(Debug, Default)]
+pub struct InForce {
+    /// Backends, by pool name and address.
+    pub backends: HashSet<BackendKey>,
+    /// Pools, by name.
+    pub pools: HashSet<String>,
+    /// Routes, by name (and the unrouted label).
+    pub routes: HashSet<String>,
 }
 
 /// One backend's live state.
@@ -37,6 +53,8 @@ pub struct BackendState {
     available_since: Mutex<Option<Instant>>,
     /// Drained by an operator: takes no new requests until undrained.
     drained: AtomicBool,
+    /// Its metric series were removed: a reload removed it and nothing was in flight.
+    retired: AtomicBool,
     /// Outcome counters and state gauges.
     pub metrics: BackendMetrics,
 }
@@ -47,18 +65,20 @@ pub struct PoolState {
     pub in_flight: AtomicU64,
     /// Retries in progress.
     pub retry_budget: RetryBudget,
+    /// Its metric series were removed: a reload removed it and nothing was in flight.
+    retired: AtomicBool,
     /// Pool counters.
     pub metrics: PoolMetrics,
 }
 
-/// What [`LiveState::reap`] dropped.
+/// What [`LiveState::reap`] retired.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Reaped {
-    /// Backends whose state and series were dropped.
+    /// Backends whose series were removed.
     pub backends: usize,
     /// Pools likewise.
     pub pools: usize,
-    /// Routes whose series were retired.
+    /// Routes likewise.
     pub routes: usize,
 }
 
@@ -72,6 +92,7 @@ impl PoolState {
         Self {
             in_flight: AtomicU64::new(0),
             retry_budget: RetryBudget::default(),
+            retired: AtomicBool::new(false),
             metrics,
         }
     }
@@ -129,6 +150,7 @@ impl LiveState {
             backends: Mutex::default(),
             pools: Mutex::default(),
             routes: Mutex::default(),
+            in_force: Mutex::default(),
         }
     }
 
@@ -141,59 +163,112 @@ impl LiveState {
     /// health checks starts unhealthy; one without starts healthy. Either starts at full
     /// weight: slow start is for a backend that was seen down and came back.
     pub fn backend(&self, pool: &str, address: SocketAddr, checked: bool) -> Arc<BackendState> {
-        lock(&self.backends)
+        let mut backends = lock(&self.backends);
+        let state = backends
             .entry((pool.to_string(), address))
-            .or_insert_with(|| {
-                let metrics = self.metrics.backend(pool, &address.to_string());
-                Arc::new(BackendState::with_metrics(checked, metrics))
-            })
-            .clone()
+            .or_insert_with(|| self.new_backend(pool, address, checked));
+        if state.retired.load(Ordering::Acquire) {
+            // Removed, and back: afresh, with series again.
+            *state = self.new_backend(pool, address, checked);
+        }
+        state.clone()
+    }
+
+    fn new_backend(&self, pool: &str, address: SocketAddr, checked: bool) -> Arc<BackendState> {
+        let metrics = self.metrics.backend(pool, &address.to_string());
+        Arc::new(BackendState::with_metrics(checked, metrics))
     }
 
     /// The state of `pool`, created on first use.
     pub fn pool(&self, pool: &str) -> Arc<PoolState> {
-        lock(&self.pools)
-            .entry(pool.to_string())
-            .or_insert_with(|| Arc::new(PoolState::with_metrics(self.metrics.pool(pool))))
-            .clone()
+        let mut pools = lock(&self.pools);
+        let fresh = || Arc::new(PoolState::with_metrics(self.metrics.pool(pool)));
+        let state = pools.entry(pool.to_string()).or_insert_with(fresh);
+        if state.retired.load(Ordering::Acquire) {
+            *state = fresh();
+        }
+        state.clone()
     }
 
     /// The counters of `route`, created on first use.
     pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
-        lock(&self.routes)
-            .entry(route.to_string())
-            .or_insert_with(|| Arc::new(self.metrics.route(route)))
-            .clone()
+        let mut routes = lock(&self.routes);
+        let fresh = || Arc::new(self.metrics.route(route));
+        let metrics = routes.entry(route.to_string()).or_insert_with(fresh);
+        if metrics.is_retired() {
+            *metrics = fresh();
+        }
+        metrics.clone()
     }
 
-    /// Drops the state no snapshot holds any more (nor a request in flight on one), and
-    /// retires its metric series. Safe at any time: a snapshot takes its state from here
-    /// under the same lock, so anything it holds has a second reference.
+    /// Records what the snapshot just published holds; the rest is retired by
+    /// [`Self::reap`].
+    pub fn set_in_force(&self, in_force: InForce) {
+        *lock(&self.in_force) = Some(in_force);
+    }
+
+    /// Retires the metric series of what the snapshot in force no longer holds, once
+    /// nothing is in flight to it (a long request on an older snapshot does not keep a
+    /// removed backend in `/metrics`), and drops the state no snapshot holds any more. Safe
+    /// at any time: a snapshot takes its state from here under the same lock, so anything
+    /// it holds has a second reference.
     pub fn reap(&self) -> Reaped {
         let metrics = &self.metrics;
+        let in_force = lock(&self.in_force);
+        let gone = |wanted: bool| in_force.is_some() && !wanted;
         Reaped {
-            backends: reap(&self.backends, |(pool, address), _| {
-                metrics.retire_backend(pool, &address.to_string())
+            backends: reap(&self.backends, |key, state, held| {
+                let idle = state.in_flight.load(Ordering::Acquire) == 0;
+                let out = gone(in_force.as_ref().is_some_and(|f| f.backends.contains(key)));
+                retire_once(&state.retired, (out && idle) || !held, || {
+                    metrics.retire_backend(&key.0, &key.1.to_string())
+                })
             }),
-            pools: reap(&self.pools, |pool, _| metrics.retire_pool(pool)),
-            routes: reap(&self.routes, |_, route| metrics.retire_route(route)),
+            pools: reap(&self.pools, |name, state, held| {
+                let idle = state.in_flight.load(Ordering::Acquire) == 0;
+                let out = gone(in_force.as_ref().is_some_and(|f| f.pools.contains(name)));
+                retire_once(&state.retired, (out && idle) || !held, || {
+                    metrics.retire_pool(name)
+                })
+            }),
+            // A route has nothing in flight to wait for: counts a request on an older
+            // snapshot makes after this go nowhere.
+            routes: reap(&self.routes, |name, route, held| {
+                let out = gone(in_force.as_ref().is_some_and(|f| f.routes.contains(name)));
+                let due = (out || !held) && !route.is_retired();
+                if due {
+                    metrics.retire_route(route);
+                }
+                due
+            }),
         }
     }
 }
 
-/// Drops the entries of `map` that nothing else holds, calling `retire` for each; returns
-/// how many.
-fn reap<K, V>(map: &Mutex<HashMap<K, Arc<V>>>, mut retire: impl FnMut(&K, &V)) -> usize {
-    let mut reaped = 0;
+/// Goes through `map`: `retire(key, value, held)` removes an entry's series when it is due
+/// (always when nothing but the map holds it) and says whether it did; an entry nothing
+/// else holds is then dropped. Returns how many were retired.
+fn reap<K, V>(
+    map: &Mutex<HashMap<K, Arc<V>>>,
+    mut retire: impl FnMut(&K, &V, bool) -> bool,
+) -> usize {
+    let mut retired = 0;
     lock(map).retain(|key, value| {
         let held = Arc::strong_count(value) > 1;
-        if !held {
-            retire(key, value);
-            reaped += 1;
-        }
+        retired += usize::from(retire(key, value, held));
         held
     });
-    reaped
+    retired
+}
+
+/// Runs `retire` once: when `due`, or when the entry is about to be dropped, whichever
+/// comes first. Returns whether it ran now.
+fn retire_once(flag: &AtomicBool, due: bool, retire: impl FnOnce()) -> bool {
+    if due && !flag.swap(true, Ordering::AcqRel) {
+        retire();
+        return true;
+    }
+    false
 }
 
 impl BackendState {
@@ -210,6 +285,7 @@ impl BackendState {
             health: Mutex::new(Health::new(checked)),
             breaker: Mutex::new(Breaker::default()),
             drained: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             metrics,
         }
     }
@@ -235,6 +311,12 @@ impl BackendState {
     /// The circuit breaker.
     pub fn breaker(&self) -> MutexGuard<'_, Breaker> {
         lock(&self.breaker)
+    }
+
+    /// Its pool's outlier detection was turned off: no ejection stands.
+    pub fn close_breaker(&self) {
+        *self.breaker() = Breaker::default();
+        self.metrics.ejected.set(0);
     }
 
     /// When it last came back after being unavailable, for slow start (`None`: full weight).
@@ -337,6 +419,33 @@ mod tests {
             !again.health().healthy,
             "a backend added again starts afresh"
         );
+    }
+
+    #[test]
+    fn a_removed_backend_loses_its_series_once_idle_even_while_an_old_snapshot_holds_it() {
+        let live = live();
+        let (x, y): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let old_x = live.backend("p", x, false);
+        let _y = live.backend("p", y, false);
+        let mut in_force = InForce::default();
+        in_force.backends.insert(("p".into(), y));
+        live.set_in_force(in_force);
+        let request = old_x.start_request();
+        assert_eq!(live.reap().backends, 0, "a request is still in flight to x");
+        assert!(live.metrics().render().contains("127.0.0.1:1"));
+        drop(request);
+        assert_eq!(live.reap().backends, 1);
+        let text = live.metrics().render();
+        assert!(!text.contains("127.0.0.1:1\""), "{text}");
+        assert!(text.contains("127.0.0.1:2"), "y stays");
+        assert_eq!(live.reap().backends, 0, "retired once");
+        // Added back while the old snapshot still holds the retired state: afresh.
+        let new_x = live.backend("p", x, false);
+        assert!(!Arc::ptr_eq(&old_x, &new_x));
+        assert!(live.metrics().render().contains("127.0.0.1:1"));
     }
 
     #[test]

@@ -278,6 +278,7 @@ impl Metrics {
             codes: (0..CODES).map(|_| OnceLock::new()).collect(),
             duration: self.duration.with_label_values(&[route]),
             truncated: self.truncated.with_label_values(&[route]),
+            retired: Default::default(),
         }
     }
 
@@ -317,8 +318,12 @@ impl Metrics {
         }
     }
 
-    /// Removes every series of a route that no longer exists; `route` are its handles.
+    /// Removes every series of a route that no longer exists; `route` are its handles,
+    /// which create no series from now on.
     pub fn retire_route(&self, route: &RouteMetrics) {
+        route
+            .retired
+            .store(true, std::sync::atomic::Ordering::Release);
         let name = route.route.as_str();
         for (i, slot) in route.codes.iter().enumerate() {
             if slot.get().is_some() {
@@ -378,6 +383,8 @@ pub struct RouteMetrics {
     duration: prometheus::Histogram,
     /// `kingdom_edge_responses_truncated_total{route}`.
     pub truncated: IntCounter,
+    /// Its series were removed: no code counter is created any more.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl RouteMetrics {
@@ -398,7 +405,13 @@ impl RouteMetrics {
             ))
             .expect("static metric definition"),
             truncated: detached_counter(),
+            retired: Default::default(),
         }
+    }
+
+    /// Whether its series were removed.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Requests answered so far (every status), for request rates.
@@ -415,6 +428,13 @@ impl RouteMetrics {
         else {
             return;
         };
+        if self.is_retired() {
+            // A late request on an older snapshot: its series are gone, and stay gone.
+            if let Some(counter) = slot.get() {
+                counter.inc();
+            }
+            return;
+        }
         slot.get_or_init(|| {
             self.family
                 .with_label_values(&[self.route.as_str(), &status.to_string()])

@@ -513,7 +513,7 @@ async fn removing_a_pools_checks_makes_its_backends_eligible_and_new_intervals_a
         "probes every 100ms would have hit a about 6 times"
     );
 
-    // Without checks, a is trusted again (its requests still fail: the 503 is now a's).
+    // Without checks, a is trusted again: its requests go through.
     a.failing.store(false, Ordering::SeqCst);
     edge.apply(&config(&p, &[(a.addr, 1)], "    panic: fail_closed\n"))
         .await;
@@ -737,4 +737,100 @@ async fn the_access_log_follows_its_output() {
         "{text}"
     );
     assert_eq!(text.lines().count(), 1, "{text}");
+}
+
+#[tokio::test]
+async fn a_backend_removed_and_added_back_at_once_is_checked_again() {
+    let a = common::toggle_upstream("a").await;
+    let b = common::toggle_upstream("b").await;
+    let p = free_ports(2);
+    let checked = "    health_check: { path: /healthz, interval: 100ms, rise: 1, fall: 1 }\n";
+    let both = config(&p, &[(a.addr, 1), (b.addr, 1)], checked);
+    let edge = Edge::start_ready(&both, addr(p[0]), addr(p[1])).await;
+    // Two reloads back to back: a goes and comes back before anything settles.
+    edge.rewrite(&config(&p, &[(b.addr, 1)], checked));
+    assert_eq!(edge.reload().await.0, 200);
+    edge.rewrite(&both.replace("weight: 1 }, {", "weight: 2 }, {"));
+    assert_eq!(edge.reload().await.0, 200);
+    wait_for("a to take traffic again", || {
+        let request = common::client().get(edge.url("/ok")).send();
+        async move { (request.await.ok()?.headers()["x-upstream"] == "a").then_some(()) }
+    })
+    .await;
+    // Its checks run: when it fails them, it is taken out.
+    a.failing.store(true, Ordering::SeqCst);
+    wait_for("a's checks to see it fail", || {
+        let status = edge.status();
+        async move { (backend_field(&status.await, a.addr, "healthy") == false).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_moved_admin_listener_keeps_its_token_until_a_restart() {
+    let a = common::fake_upstream("a").await;
+    let p = free_ports(3);
+    let token = "an-admin-token-for-the-tests";
+    let with_token = config(&p, &[(a, 1)], "").replace(
+        &format!("admin: {{ address: 127.0.0.1:{} }}", p[1]),
+        &format!(
+            "admin: {{ address: 127.0.0.1:{}, token_env: KINGDOM_ADMIN_TOKEN }}",
+            p[1]
+        ),
+    );
+    let edge = Edge::start_env(
+        &with_token,
+        &[("KINGDOM_ADMIN_TOKEN", token)],
+        addr(p[0]),
+        addr(p[1]),
+    )
+    .await;
+    // Moved, and without a token (loopback allows that): the listener that runs is the
+    // old one, and it keeps asking for the token.
+    let moved = config(&p, &[(a, 2)], "").replace(
+        &format!("admin: {{ address: 127.0.0.1:{} }}", p[1]),
+        &format!("admin: {{ address: 127.0.0.1:{} }}", p[2]),
+    );
+    edge.rewrite(&moved);
+    let (code, report) = edge.post("/reload", Some(token)).await;
+    assert_eq!(code, 200, "{report}");
+    let held: Vec<&str> = report["needs_restart"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(held, ["admin.address", "admin.token_env"], "{report}");
+    assert_eq!(edge.post("/reload", None).await.0, 401);
+    assert_eq!(edge.post("/reload", Some(token)).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_longer_shutdown_timeout_applies_to_the_next_drain() {
+    let a = common::toggle_upstream("a").await;
+    let p = free_ports(2);
+    let short = config(&p, &[(a.addr, 1)], "").replacen(
+        "listeners:",
+        "server: { shutdown_timeout: 1s }\nlisteners:",
+        1,
+    );
+    let mut edge = Edge::start_ready(&short, addr(p[0]), addr(p[1])).await;
+    edge.apply(&short.replace("shutdown_timeout: 1s", "shutdown_timeout: 20s"))
+        .await;
+    a.close();
+    let held = tokio::spawn(common::client().get(edge.url("/ok")).send());
+    wait_for("the request to reach a", || {
+        std::future::ready((a.hits.load(Ordering::SeqCst) >= 1).then_some(()))
+    })
+    .await;
+    edge.signal(Signal::SIGTERM);
+    // Past the timeout the process started with: the drain is still waiting.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        edge.try_wait().is_none(),
+        "the drain waits up to the new 20s"
+    );
+    a.open();
+    assert_eq!(held.await.unwrap().unwrap().status(), 200);
+    assert!(edge.wait_exit().await.success());
 }

@@ -27,6 +27,7 @@ pub async fn run(store: Arc<ConfigStore>) {
             }
         }
         tasks.retain(|key, task| {
+            // (A task only ends by panicking: then it is started again.)
             let keep = wanted.contains(key) && !task.is_finished();
             if !keep {
                 task.abort();
@@ -46,33 +47,33 @@ pub async fn run(store: Arc<ConfigStore>) {
     }
 }
 
-/// Probes `address` of `pool` until a reload removes it or its pool's checks. Each probe
-/// uses the policy in force when it starts, and its result goes to the pool in force when it
-/// ends.
+/// Probes `address` of `pool` for as long as the task runs: [`run`] aborts it when a reload
+/// removes the backend or its pool's checks (it never ends by itself, so a backend removed
+/// and added back by two quick reloads cannot be left without one). Each probe uses the
+/// policy in force when it starts, and its result goes to the pool in force when it ends.
 async fn check_forever(store: Arc<ConfigStore>, pool: String, address: SocketAddr) {
     let mut versions = store.subscribe();
     loop {
         let Some(policy) = policy_of(&store, &pool, address) else {
-            return;
+            // Gone in the config in force: wait for the next one (or the abort).
+            if versions.changed().await.is_err() {
+                return;
+            }
+            continue;
         };
         let started = tokio::time::Instant::now();
         let (passed, detail) = health::probe(&policy, address).await;
         let snapshot = store.load();
-        let Some(current) = snapshot.find_pool(&pool) else {
-            return;
-        };
-        let Some(id) = current.backends.iter().position(|b| b.address == address) else {
-            return;
-        };
-        current.record_probe(id, Instant::now(), passed, detail);
+        let current = snapshot.find_pool(&pool);
+        let id = current.and_then(|p| p.backends.iter().position(|b| b.address == address));
+        if let (Some(current), Some(id)) = (current, id) {
+            current.record_probe(id, Instant::now(), passed, detail);
+        }
         drop(snapshot);
         // The next probe is due one interval after this one started; a reload that changes
         // the interval moves it.
         let random = fastrand::f64();
-        loop {
-            let Some(policy) = policy_of(&store, &pool, address) else {
-                return;
-            };
+        while let Some(policy) = policy_of(&store, &pool, address) {
             let due = started + health::jittered(wait(&store, &pool, address, &policy), random);
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => break,

@@ -69,10 +69,14 @@ impl Reloader {
     /// read; `None` when nothing changed (an editor's temporary file, a touch).
     pub async fn reload_if_changed(&self, trigger: Trigger) -> Option<Arc<ReloadReport>> {
         let mut last = self.last_inputs.lock().await;
-        let text = std::fs::read_to_string(&self.path).ok();
-        let now = text
-            .as_deref()
-            .map(|text| inputs_digest(text, &self.store.load()));
+        let (path, current) = (self.path.clone(), self.store.load());
+        let now = tokio::task::spawn_blocking(move || {
+            let text = std::fs::read_to_string(path).ok()?;
+            Some(inputs_digest(&text, &current))
+        })
+        .await
+        .ok()
+        .flatten();
         if now.as_ref() == Some(&*last) {
             return None;
         }
@@ -91,12 +95,18 @@ impl Reloader {
         let prepared = tokio::task::spawn_blocking(move || prepare(&path, &current)).await;
         let report = match prepared {
             Ok(Ok(prepared)) => {
-                *last = inputs_digest(&prepared.text, &prepared.snapshot);
-                self.apply(trigger, prepared)
+                let inputs = prepared.inputs.clone();
+                let report = self.apply(trigger, prepared);
+                // A file refused only at the last step (its access log could not be opened)
+                // is tried again on the next change.
+                if report.result == "ok" {
+                    *last = inputs;
+                }
+                report
             }
             Ok(Err(refused)) => {
-                if let Some(text) = &refused.text {
-                    *last = inputs_digest(text, &self.store.load());
+                if let Some(inputs) = refused.inputs {
+                    *last = inputs;
                 }
                 self.refuse(trigger, refused.digest, refused.errors)
             }
@@ -129,6 +139,7 @@ impl Reloader {
         }
         snapshot::activate(&mut snapshot, &self.live);
         let snapshot = self.store.swap(snapshot);
+        snapshot::in_force(&snapshot, &self.live);
         for (name, certs) in certificates {
             if let Some(store) = self.certificates.get(&name) {
                 store.replace(certs);
@@ -194,7 +205,8 @@ impl Reloader {
 
 /// A file read, compiled, verified and ready to publish.
 struct Prepared {
-    text: String,
+    /// The digest of what was read (see [`inputs_digest`]).
+    inputs: String,
     snapshot: Snapshot,
     /// Each TLS listener's certificates, loaded from the files the new config names.
     certificates: Vec<(String, Certificates)>,
@@ -204,8 +216,8 @@ struct Prepared {
 
 /// A file refused before anything changed.
 struct Refused {
-    /// The text, when it could be read.
-    text: Option<String>,
+    /// The digest of what was read, when the file could be read.
+    inputs: Option<String>,
     digest: Option<String>,
     errors: Vec<ConfigError>,
 }
@@ -213,12 +225,12 @@ struct Refused {
 /// Everything of a reload that reads files or can fail, and changes nothing.
 fn prepare(path: &Path, current: &Snapshot) -> Result<Prepared, Refused> {
     let text = config::read(path).map_err(|errors| Refused {
-        text: None,
+        inputs: None,
         digest: None,
         errors,
     })?;
     let refused = |text: &str, errors| Refused {
-        text: Some(text.to_string()),
+        inputs: Some(inputs_digest(text, current)),
         digest: Some(text_digest(text)),
         errors,
     };
@@ -242,7 +254,7 @@ fn prepare(path: &Path, current: &Snapshot) -> Result<Prepared, Refused> {
     }
     let changes = Changes::between(current, &snapshot);
     Ok(Prepared {
-        text,
+        inputs: inputs_digest(&text, &snapshot),
         snapshot,
         certificates,
         needs_restart,

@@ -1,7 +1,7 @@
 //! `activate`: binds a compiled snapshot to the live state that outlives snapshots.
 
 use super::Snapshot;
-use crate::live::LiveState;
+use crate::live::{InForce, LiveState};
 use crate::metrics::NO_ROUTE;
 
 /// Binds `snapshot` to `live`, before it is published: every pool, backend and route takes
@@ -11,7 +11,8 @@ use crate::metrics::NO_ROUTE;
 /// metric series.
 ///
 /// A backend of a pool whose health checks were removed is trusted again; one of a pool
-/// that gained checks keeps its state until the checks say otherwise.
+/// that gained checks keeps its state until the checks say otherwise. A pool whose outlier
+/// detection was turned off has no backend ejected.
 pub fn activate(snapshot: &mut Snapshot, live: &LiveState) {
     for pool in &mut snapshot.pools {
         pool.state = live.pool(&pool.name);
@@ -21,10 +22,32 @@ pub fn activate(snapshot: &mut Snapshot, live: &LiveState) {
             if !checked {
                 backend.state.trust();
             }
+            if pool.outlier.is_none() {
+                backend.state.close_breaker();
+            }
         }
     }
     for route in snapshot.router.routes_mut() {
         route.metrics = live.route(&route.name);
     }
     snapshot.unrouted = live.route(NO_ROUTE);
+}
+
+/// Tells `live` what the snapshot just published holds, so what it no longer holds can be
+/// retired once idle.
+pub fn in_force(snapshot: &Snapshot, live: &LiveState) {
+    let mut in_force = InForce::default();
+    for pool in &snapshot.pools {
+        in_force.pools.insert(pool.name.clone());
+        for backend in &pool.backends {
+            in_force
+                .backends
+                .insert((pool.name.clone(), backend.address));
+        }
+    }
+    for route in snapshot.router.routes() {
+        in_force.routes.insert(route.name.clone());
+    }
+    in_force.routes.insert(NO_ROUTE.to_string());
+    live.set_in_force(in_force);
 }

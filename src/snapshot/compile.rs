@@ -311,6 +311,12 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
         max_connections,
         upgrade_socket,
         pid_file: s.pid_file.clone(),
+        fingerprint: {
+            use std::hash::{DefaultHasher, Hash, Hasher};
+            let mut hasher = DefaultHasher::new();
+            format!("{s:?}").hash(&mut hasher);
+            hasher.finish()
+        },
     })
 }
 

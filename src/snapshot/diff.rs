@@ -55,7 +55,10 @@ pub fn hold_back(next: &mut Snapshot, current: &Snapshot) -> Vec<HeldBack> {
             *old = new.clone();
         }
         for (key, what) in differs {
-            hold(format!("{at}.{key}"), format!("{what}: needs a restart"));
+            hold(
+                format!("{at}.{key}"),
+                format!("{what}: needs a restart (the listener's other changes wait with it)"),
+            );
         }
     }
     for old in &current.listeners {
@@ -136,10 +139,18 @@ pub fn hold_back(next: &mut Snapshot, current: &Snapshot) -> Vec<HeldBack> {
             "admin.address".into(),
             "the admin listener is bound at start: needs a restart".into(),
         );
-        // The token still applies to the listener that runs.
+        // A new token applies to the listener that runs; a token is never dropped from it:
+        // the file may allow no token only because it moves the listener to loopback.
         let token = next.admin.as_ref().and_then(|a| a.token.clone());
         next.admin = current.admin.clone().map(|mut a| {
-            a.token = token;
+            if token.is_some() {
+                a.token = token;
+            } else if a.token.is_some() {
+                hold(
+                    "admin.token_env".into(),
+                    "the admin listener keeps its token until it moves at a restart".into(),
+                );
+            }
             a
         });
     }
@@ -242,6 +253,9 @@ impl Changes {
                 c.sidecars_removed
                     .push(format!("{}/{address}", sidecar.name));
             }
+        }
+        if current.server.fingerprint != next.server.fingerprint {
+            c.other.push("server".into());
         }
         if current.listeners != next.listeners {
             c.other.push("listeners".into());

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use activate::activate;
+pub use activate::{activate, in_force};
 pub use compile::compile;
 pub use store::{ConfigStore, ReloadReport, Trigger};
 
@@ -110,6 +110,8 @@ pub struct ServerSettings {
     pub upgrade_socket: PathBuf,
     /// Where the process writes its pid; `None` writes none.
     pub pid_file: Option<PathBuf>,
+    /// A digest of the whole section, to tell a reload that changed it.
+    pub fingerprint: u64,
 }
 
 /// Where a new process listens for the old one's sockets, unless `server.upgrade_socket`

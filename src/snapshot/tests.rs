@@ -219,11 +219,13 @@ fn compiling_creates_no_live_state_and_activating_binds_it() {
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let live = crate::live::LiveState::new(metrics.clone());
     let mut first = compile_text(MINIMAL).unwrap();
-    assert!(
-        !metrics.render().contains("127.0.0.1:9201"),
-        "compile registers nothing"
-    );
+    first.pools[0].backends[0].state.metrics.healthy.set(7);
     activate(&mut first, &live);
+    assert_eq!(
+        first.pools[0].backends[0].state.metrics.healthy.get(),
+        1,
+        "the compiled snapshot's own handles are replaced by the shared ones"
+    );
     assert!(metrics.render().contains("127.0.0.1:9201"));
     let mut second = compile_text(MINIMAL).unwrap();
     activate(&mut second, &live);
