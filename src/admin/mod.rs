@@ -281,9 +281,14 @@ fn find_backend<'a>(
     }
 }
 
-/// Serves the admin API on an already-bound listener until the process exits. It stays up
-/// while the proxy drains, so `/ready` can report the drain.
-pub async fn serve(listener: std::net::TcpListener, state: AdminState) {
+/// Serves the admin API on an already-bound listener until `stop` completes (the socket went
+/// to a successor) or the process exits. It stays up while the proxy drains, so `/ready` can
+/// report the drain.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    state: AdminState,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -292,7 +297,10 @@ pub async fn serve(listener: std::net::TcpListener, state: AdminState) {
         }
     };
     tokio::spawn(status::sample_rates(state.clone()));
-    if let Err(e) = axum::serve(listener, app(state)).await {
+    if let Err(e) = axum::serve(listener, app(state))
+        .with_graceful_shutdown(stop)
+        .await
+    {
         tracing::error!("admin listener stopped: {e}");
     }
 }

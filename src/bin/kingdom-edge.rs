@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kingdom_edge::config::ConfigError;
-use kingdom_edge::runtime::{self, StartError};
+use kingdom_edge::runtime::{self, RunOptions, StartError};
 use kingdom_edge::sidecar::{api, content};
 
 /// mimalloc rather than glibc's malloc: after a burst of requests it gives the freed pages
@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Run,
+    Run(Run),
     /// Validate the config file: print a summary and exit 0, or every error and exit 1.
     Check,
     /// Run the content service (the same as the `kingdom-content` binary).
@@ -40,15 +40,33 @@ enum Command {
     Api(api::Args),
 }
 
+/// `run`'s options.
+#[derive(clap::Args, Default)]
+struct Run {
+    /// Take the listening sockets and the sidecars over from the running kingdom-edge, which
+    /// then drains and exits (a zero-downtime upgrade; `SIGUSR2` to the running process does
+    /// this with its own binary path).
+    #[arg(short, long)]
+    upgrade: bool,
+    /// With --upgrade: the pid of the process to take over from (default: the pid in
+    /// `server.pid_file`).
+    #[arg(long, requires = "upgrade")]
+    from: Option<i32>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or(Command::Run(Run::default())) {
         Command::Check => check(&cli.config),
         Command::Content(args) => block_on(content::main(args)),
         Command::Api(args) => block_on(api::main(args)),
-        Command::Run => {
+        Command::Run(run) => {
             init_tracing();
-            match runtime::run(&cli.config) {
+            let options = RunOptions {
+                upgrade: run.upgrade,
+                from: run.from,
+            };
+            match runtime::run(&cli.config, options) {
                 Ok(never) => match never {},
                 Err(StartError::Config(errors)) => {
                     print_errors(&cli.config, &errors);

@@ -3,18 +3,20 @@
 //! shutdown and upgrade. The one layer that does I/O on the config's behalf.
 
 mod health_checks;
+mod notify;
 pub mod preflight;
 mod reload;
 mod server;
 mod shutdown;
 mod supervisor;
+mod upgrade;
 mod watch;
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 pub use reload::Reloader;
-pub use server::run;
+pub use server::{run, RunOptions};
 pub use supervisor::ProcessStatus;
 
 use crate::config::{self, ConfigError, Env};
@@ -36,6 +38,9 @@ pub enum StartError {
     /// The access log could not be opened.
     #[error("{0}")]
     AccessLog(std::io::Error),
+    /// `--upgrade` without a process to take over from.
+    #[error("--upgrade: {0}")]
+    Upgrade(String),
 }
 
 /// Loads and fully validates a config file, including what it needs from the machine

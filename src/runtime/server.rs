@@ -11,15 +11,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
-use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
-use pingora::server::{RunArgs, ShutdownWatch};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::Service;
 
 use super::reload::Reloader;
 use super::shutdown::{Drain, Signals};
 use super::supervisor::Supervisor;
-use super::{health_checks, load, watch, StartError};
+use super::upgrade::{self, Handoff};
+use super::{health_checks, load, notify, watch, StartError};
 use crate::access_log::AccessLog;
 use crate::admin::{self, AdminState, Control};
 use crate::config::{self, process_env};
@@ -29,14 +30,31 @@ use crate::proxy::EdgeProxy;
 use crate::snapshot::{self, ConfigStore, ReloadReport, ServerSettings, Trigger};
 use crate::tls::{self, CertificateStore};
 
+/// How long Pingora waits after a graceful shutdown starts before it stops its runtimes: the
+/// drain watcher ends the process long before, within `server.shutdown_timeout`.
+const GRACE_BACKSTOP: Duration = Duration::from_secs(24 * 3600);
+
 /// How often state that no snapshot holds any more is dropped (see `LiveState::reap`).
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
+/// How [`run`] starts.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Take the listening sockets and sidecars over from a running process (`--upgrade`).
+    pub upgrade: bool,
+    /// That process's pid (`--from`); without it, the pid in `server.pid_file`.
+    pub from: Option<i32>,
+}
+
 /// Runs the proxy until a signal stops it. Does not return on success: SIGTERM drains and
-/// exits, SIGINT exits at once.
-pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
+/// exits, SIGINT exits at once, SIGQUIT hands everything to a successor and drains.
+pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible, StartError> {
     // Until the reload task handles it, SIGHUP must not end the process (its default).
     let _ = ignore_sighup();
+    // A successor is started from the binary's path as it is now (SIGUSR2), with the same
+    // config file wherever the working directory is.
+    let exe = std::env::current_exe().map_err(|e| StartError::Upgrade(e.to_string()))?;
+    let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let text = config::read(path).map_err(StartError::Config)?;
     let mut snapshot = load(&text, &process_env).map_err(StartError::Config)?;
 
@@ -65,14 +83,29 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         return Err(StartError::Config(config::locate_in(&text, errors)));
     }
 
-    // Bind-check every address now, so a port in use is one clear error before anything starts.
-    for listener in &snapshot.listeners {
-        bind(listener.address, &format!("listener {}", listener.name))?;
-    }
-    let admin_listener = match &snapshot.admin {
-        Some(admin) => Some(bind(admin.address, "admin")?),
-        None => None,
+    let predecessor = match (options.upgrade, options.from, &snapshot.server.pid_file) {
+        (false, _, _) => None,
+        (true, Some(pid), _) => Some(nix::unistd::Pid::from_raw(pid)),
+        (true, None, Some(pid_file)) => Some(
+            upgrade::pid_in(pid_file)
+                .map_err(|e| StartError::Upgrade(format!("no process to take over: {e}")))?,
+        ),
+        (true, None, None) => {
+            return Err(StartError::Upgrade(
+                "give the old process with --from PID, or set server.pid_file".into(),
+            ))
+        }
     };
+    if predecessor.is_none() {
+        // Bind-check every address now, so a port in use is one clear error before anything
+        // starts. (An upgrade takes the sockets over instead.)
+        for listener in &snapshot.listeners {
+            bind(listener.address, &format!("listener {}", listener.name))?;
+        }
+        if let Some(admin) = &snapshot.admin {
+            bind(admin.address, "admin")?;
+        }
+    }
 
     let metrics = Arc::new(Metrics::new());
     let live = Arc::new(LiveState::new(metrics.clone()));
@@ -81,6 +114,7 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         AccessLog::open(&snapshot.access_log, metrics.clone()).map_err(StartError::AccessLog)?,
     );
     let store = Arc::new(ConfigStore::new(snapshot));
+    snapshot::in_force(&store.load(), &live);
     metrics.config_version.set(1);
     let snapshot = store.load();
     let supervisor = Arc::new(Supervisor::new(metrics.clone(), {
@@ -105,14 +139,59 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
 
     let mut conf = ServerConf {
         threads: snapshot.server.threads,
-        // Pingora's own grace period is only the backstop: the drain watcher exits earlier.
-        grace_period_seconds: Some(snapshot.server.shutdown_timeout.as_secs() + 1),
+        // Pingora's own grace period is only the backstop: the drain watcher exits when the
+        // requests are done or `shutdown_timeout` (as a reload may have changed it) is over.
+        grace_period_seconds: Some(GRACE_BACKSTOP.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: snapshot.server.upgrade_socket.display().to_string(),
         ..ServerConf::default()
     };
     conf.daemon = false;
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: predecessor.is_some(),
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    if let Some(old) = predecessor {
+        upgrade::signal_when_listening(&snapshot.server.upgrade_socket, old)
+            .map_err(|e| StartError::Upgrade(e.to_string()))?;
+        tracing::info!(pid = old.as_raw(), socket = %snapshot.server.upgrade_socket.display(), "upgrade: taking over");
+    }
+    // In an upgrade, this receives the old process's sockets and sidecar pipes.
     server.bootstrap();
+    let handoff = Handoff::new(server.listen_fds());
+    let admin_listener = match &snapshot.admin {
+        Some(admin) => {
+            Some(
+                handoff
+                    .admin_listener(admin.address)
+                    .map_err(|source| StartError::Bind {
+                        address: admin.address,
+                        what: "admin".into(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
+    supervisor.use_handoff(handoff.clone());
+    // What rides the hand-off besides the listeners: claimed, so it is not closed as stale.
+    let claimed = handoff
+        .keys()
+        .into_iter()
+        .filter(|key| {
+            !snapshot
+                .listeners
+                .iter()
+                .any(|l| l.address.to_string() == *key)
+        })
+        .collect();
+    server.add_service(Claim(claimed));
+    if let Some(pid_file) = &snapshot.server.pid_file {
+        if let Err(e) = upgrade::write_pid_file(pid_file) {
+            tracing::error!(pid_file = %pid_file.display(), "cannot write the pid file: {e}");
+        }
+    }
 
     let banner: Vec<String> = snapshot
         .listeners
@@ -162,7 +241,10 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         Task::new({
             let (supervisor, store) = (supervisor.clone(), store.clone());
             move || {
-                supervisor.start(&store.load().sidecars);
+                // The runtime first, then the sidecars of the config in force: a reload in
+                // between either reconciles here already or is seen in `store`.
+                supervisor.run_here();
+                supervisor.reconcile(&store.load().sidecars);
                 Box::pin(std::future::pending())
             }
         }),
@@ -185,7 +267,17 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         "reload",
         Task::new({
             let reloader = reloader.clone();
-            move || Box::pin(watch::reload_on_triggers(reloader.clone()))
+            move || {
+                notify::ready();
+                Box::pin(watch::reload_on_triggers(reloader.clone()))
+            }
+        }),
+    ));
+    server.add_service(background_service(
+        "upgrade",
+        Task::new({
+            let (exe, path) = (exe.clone(), path.to_path_buf());
+            move || Box::pin(upgrade::upgrade_on_sigusr2(exe.clone(), path.clone()))
         }),
     ));
     server.add_service(background_service(
@@ -204,6 +296,7 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
             }
         }),
     ));
+    let (handing_over, handed_over) = tokio::sync::watch::channel(false);
     if let Some(listener) = admin_listener {
         let state = AdminState {
             store: store.clone(),
@@ -220,10 +313,14 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
             "admin",
             Task::new(move || {
                 let listener = listener.try_clone();
-                let state = state.clone();
+                let (state, mut handed_over) = (state.clone(), handed_over.clone());
                 Box::pin(async move {
+                    // After a hand-off the socket is the successor's to serve.
+                    let stop = async move {
+                        let _ = handed_over.wait_for(|handed| *handed).await;
+                    };
                     match listener {
-                        Ok(listener) => admin::serve(listener, state).await,
+                        Ok(listener) => admin::serve(listener, state, stop).await,
                         Err(e) => tracing::error!("admin listener: {e}"),
                     }
                 })
@@ -236,6 +333,8 @@ pub fn run(path: &Path) -> Result<std::convert::Infallible, StartError> {
         draining: draining.clone(),
     };
     let drain = Drain {
+        handing_over,
+        pid_file: snapshot.server.pid_file.clone(),
         in_flight: metrics.in_flight.clone(),
         store: store.clone(),
         supervisor,
@@ -272,6 +371,34 @@ fn ignore_sighup() -> nix::Result<()> {
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     // SAFETY: installing SIG_IGN runs no code in the handler, so nothing can be unsound.
     unsafe { sigaction(Signal::SIGHUP, &ignore) }.map(|_| ())
+}
+
+/// Claims what the hand-off table holds besides the listeners (the admin socket, sidecar
+/// pipes), so Pingora does not close it as a stale inherited socket. Runs nothing.
+struct Claim(Vec<String>);
+
+#[async_trait]
+impl Service for Claim {
+    async fn start_service(
+        &mut self,
+        _fds: Option<ListenFds>,
+        mut shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+    ) {
+        let _ = shutdown.changed().await;
+    }
+
+    fn name(&self) -> &str {
+        "hand-off"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(1)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        Some(self.0.clone())
+    }
 }
 
 /// What the admin API may ask of the runtime.

@@ -6,6 +6,9 @@
 //! Pingora closes the listeners, sends HTTP/2 clients `GOAWAY` and sleeps a fixed grace
 //! period; the drain watcher exits the process as soon as no request is in flight (or
 //! `server.shutdown_timeout` passes), after stopping the sidecars.
+//!
+//! `SIGQUIT` hands the sockets to a successor (see `upgrade`): the same drain follows, with
+//! `Connection: close` from the hand-off on, and the sidecars left running for the successor.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -80,6 +83,10 @@ async fn next(signal: &mut Option<Signal>) {
 
 /// What a drain needs to watch and stop.
 pub struct Drain {
+    /// Told when the sockets go to a successor: the admin API stops accepting.
+    pub handing_over: tokio::sync::watch::Sender<bool>,
+    /// Removed at exit if it still names this process.
+    pub pid_file: Option<std::path::PathBuf>,
     /// Requests in progress.
     pub in_flight: IntGauge,
     /// The config in force: its `server.shutdown_timeout` is the longest wait for them.
@@ -100,6 +107,7 @@ impl Drain {
             .name("drain".into())
             .spawn(move || loop {
                 match phases.blocking_recv() {
+                    Ok(ExecutionPhase::GracefulUpgradeTransferringFds) => self.hand_over(),
                     Ok(ExecutionPhase::ShutdownGracePeriod) => self.drain_and_exit(),
                     Ok(_) | Err(RecvError::Lagged(_)) => continue,
                     Err(RecvError::Closed) => return,
@@ -112,8 +120,19 @@ impl Drain {
         }
     }
 
+    /// The sockets (and the sidecars' pipes) go to a successor: answers close their
+    /// connections so clients move to it, the admin API leaves its socket to it, and the
+    /// sidecars are its to run.
+    fn hand_over(&self) {
+        tracing::info!("upgrade: handing the sockets and sidecars to the new process");
+        self.draining.store(true, Ordering::Release);
+        self.handing_over.send_replace(true);
+        self.supervisor.hand_over();
+    }
+
     fn drain_and_exit(&self) -> ! {
         self.draining.store(true, Ordering::Release);
+        super::notify::notify("STOPPING=1");
         let deadline = Instant::now() + self.store.load().server.shutdown_timeout;
         tracing::info!(in_flight = self.in_flight.get(), "draining");
         while self.in_flight.get() > 0 && Instant::now() < deadline {
@@ -126,9 +145,14 @@ impl Drain {
                 "shutdown_timeout reached with requests still in flight"
             );
         }
-        self.supervisor.stop();
-        if !self.supervisor.wait_stopped(SIDECAR_GRACE) {
-            tracing::warn!("some sidecars did not exit within {SIDECAR_GRACE:?}");
+        if !*self.handing_over.borrow() {
+            self.supervisor.stop();
+            if !self.supervisor.wait_stopped(SIDECAR_GRACE) {
+                tracing::warn!("some sidecars did not exit within {SIDECAR_GRACE:?}");
+            }
+        }
+        if let Some(pid_file) = &self.pid_file {
+            super::upgrade::remove_pid_file(pid_file);
         }
         self.access_log.flush(Duration::from_secs(1));
         tracing::info!("stopped");

@@ -8,6 +8,11 @@
 //! process, one that is gone stops its process, and one whose command, arguments or
 //! environment changed is restarted (the new process starts once the old one has exited, as
 //! both need the address).
+//!
+//! Every child's pipes are also in the upgrade hand-off table: a successor process adopts
+//! the children (relays their output, holds their stdin open, stops or restarts them as its
+//! config says), so an upgrade does not restart the sidecars. Once this process has handed
+//! them over it neither restarts nor stops them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +29,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::{watch, Notify};
 
+use super::upgrade::{HandedOver, Handoff, SidecarKey};
 use crate::metrics::Metrics;
 use crate::sidecar::launch::{self, Sidecar};
 
@@ -35,6 +41,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// How long a restarted child has to start listening before nobody is told it is back.
 const LISTEN_WAIT: Duration = Duration::from_secs(30);
+/// How long a child a reload removed or replaced has to exit after its SIGTERM before it
+/// gets a SIGKILL (its replacement waits for the address).
+const KILL_AFTER: Duration = Duration::from_secs(10);
 
 /// Told the address of a restarted child as soon as it accepts connections again.
 pub type OnBack = Box<dyn Fn(SocketAddr) + Send + Sync>;
@@ -47,6 +56,12 @@ pub struct Supervisor {
     retiring: Mutex<Vec<Arc<Process>>>,
     /// The runtime the children are spawned and awaited on (the supervisor's service).
     runtime: OnceLock<tokio::runtime::Handle>,
+    /// The upgrade hand-off table the children's pipes are kept in.
+    handoff: OnceLock<Handoff>,
+    /// Children an old process handed over, until the first reconciliation adopts them.
+    handed: Mutex<Vec<HandedOver>>,
+    /// Set once the children were handed to a successor: they are its to run now.
+    handed_over: AtomicBool,
     metrics: Arc<Metrics>,
     stopping: AtomicBool,
     running: Mutex<usize>,
@@ -62,6 +77,8 @@ struct Process {
     restarts: IntCounter,
     /// Set when a reload removed or replaced it: it is stopped and not restarted.
     retired: AtomicBool,
+    /// A child an old process handed over, run (to its end) before any child of our own.
+    adopted: Mutex<Option<HandedOver>>,
     wake: Notify,
     /// True once its last child has exited and it will start no other.
     finished: watch::Sender<bool>,
@@ -75,6 +92,8 @@ pub struct ProcessStatus {
     /// `None` while it is not running (between a crash and its restart).
     pub pid: Option<u32>,
     pub restarts: u64,
+    /// A reload removed or replaced it; it is on its way out.
+    pub retiring: bool,
 }
 
 impl Supervisor {
@@ -85,6 +104,9 @@ impl Supervisor {
             processes: Mutex::default(),
             retiring: Mutex::default(),
             runtime: OnceLock::new(),
+            handoff: OnceLock::new(),
+            handed: Mutex::default(),
+            handed_over: AtomicBool::new(false),
             metrics,
             stopping: AtomicBool::new(false),
             running: Mutex::new(0),
@@ -93,11 +115,25 @@ impl Supervisor {
         }
     }
 
-    /// Starts the children of `sidecars` on the calling runtime, where later
-    /// reconciliations start theirs too.
-    pub fn start(self: &Arc<Self>, sidecars: &[Sidecar]) {
+    /// Keeps the children's pipes in `handoff`, and adopts the children it holds from an
+    /// old process. Called once, before [`Self::start`].
+    pub fn use_handoff(&self, handoff: Handoff) {
+        *lock(&self.handed) = handoff.handed_over();
+        let _ = self.handoff.set(handoff);
+    }
+
+    /// The children are a successor's now: stop supervising them, and never stop them.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+        for process in lock(&self.processes).values() {
+            process.wake.notify_waiters();
+        }
+    }
+
+    /// Runs the children on the calling runtime from now on; reconciliations before this do
+    /// nothing (the first one after it starts the children).
+    pub fn run_here(&self) {
         let _ = self.runtime.set(tokio::runtime::Handle::current());
-        self.reconcile(sidecars);
     }
 
     /// Makes the running processes those of `sidecars`: starts what is new, stops what is
@@ -106,9 +142,10 @@ impl Supervisor {
         let Some(runtime) = self.runtime.get() else {
             return;
         };
-        if self.stopping.load(Ordering::Acquire) {
+        if self.stopping.load(Ordering::Acquire) || self.handed_over.load(Ordering::Acquire) {
             return;
         }
+        let mut handed = std::mem::take(&mut *lock(&self.handed));
         let wanted: Vec<(SocketAddr, &Sidecar)> = sidecars
             .iter()
             .flat_map(|s| s.addresses.iter().map(move |a| (*a, s)))
@@ -122,41 +159,83 @@ impl Supervisor {
                 .any(|(a, s)| a == address && s.same_process(&process.sidecar));
             if !keep {
                 process.retire();
+                runtime.spawn(kill_if_stuck(process.clone()));
                 retiring.push(process.clone());
-                if !wanted.iter().any(|(a, _)| a == address) {
+                let named = |(a, s): &&(SocketAddr, &Sidecar)| {
+                    a == address && s.name == process.sidecar.name
+                };
+                if !wanted.iter().any(|w| named(&w)) {
                     self.metrics
                         .retire_sidecar(&process.sidecar.name, &address.to_string());
                 }
             }
             keep
         });
-        drop(retiring);
         for (address, sidecar) in wanted {
             if processes.contains_key(&address) {
                 continue;
             }
-            let process = Arc::new(Process {
-                sidecar: sidecar.clone(),
-                address,
-                pid: AtomicU32::new(0),
-                restarts: self
-                    .metrics
-                    .sidecar_restarts(&sidecar.name, &address.to_string()),
-                retired: AtomicBool::new(false),
-                wake: Notify::new(),
-                finished: watch::Sender::new(false),
-            });
+            // A child handed over for this address, started the same way, is adopted.
+            let fingerprint = sidecar.fingerprint();
+            let adopted = handed
+                .iter()
+                .position(|h| h.key.address == address && h.key.fingerprint == fingerprint)
+                .map(|i| handed.swap_remove(i));
+            let process = self.process(sidecar, address, adopted);
             processes.insert(address, process.clone());
+            runtime.spawn(self.clone().keep_running(process));
+        }
+        // Handed-over children the config no longer wants as they are: stopped, and a
+        // replacement at the same address waits for them to exit.
+        for child in handed {
+            let sidecar = Sidecar {
+                name: "handed-over".into(),
+                command: String::new(),
+                addresses: vec![child.key.address],
+                args: Vec::new(),
+                env: Default::default(),
+            };
+            let process = self.process(&sidecar, child.key.address, Some(child));
+            process.retired.store(true, Ordering::SeqCst);
+            retiring.push(process.clone());
+            runtime.spawn(kill_if_stuck(process.clone()));
             runtime.spawn(self.clone().keep_running(process));
         }
     }
 
+    fn process(
+        &self,
+        sidecar: &Sidecar,
+        address: SocketAddr,
+        adopted: Option<HandedOver>,
+    ) -> Arc<Process> {
+        Arc::new(Process {
+            sidecar: sidecar.clone(),
+            address,
+            pid: AtomicU32::new(0),
+            restarts: self
+                .metrics
+                .sidecar_restarts(&sidecar.name, &address.to_string()),
+            retired: AtomicBool::new(false),
+            adopted: Mutex::new(adopted),
+            wake: Notify::new(),
+            finished: watch::Sender::new(false),
+        })
+    }
+
     async fn keep_running(self: Arc<Self>, process: Arc<Process>) {
-        // A replaced process still holds the address until it exits.
-        self.predecessors_gone(&process).await;
         let name = &process.sidecar.name;
         let mut backoff = MIN_BACKOFF;
         let mut first = true;
+        let adopted = lock(&process.adopted).take();
+        match adopted {
+            Some(child) => {
+                self.run_adopted(&process, child).await;
+                first = false;
+            }
+            // A replaced process still holds the address until it exits.
+            None => self.predecessors_gone(&process).await,
+        }
         while process.wanted(&self) {
             if !first {
                 process.restarts.inc();
@@ -213,6 +292,8 @@ impl Supervisor {
                 ),
             )
         })?;
+        // Not killed when its handle is dropped: after an upgrade it outlives this process.
+        // It exits when told to, and when every holder of its stdin is gone.
         let mut child = Command::new(&program.path)
             .args(program.builtin)
             .arg("--listen")
@@ -223,13 +304,25 @@ impl Supervisor {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()?;
-        let _stdin = child.stdin.take();
         let pid = child.id().unwrap_or(0);
-        process.pid.store(pid, Ordering::Release);
+        // SeqCst with `retired` (see `Process::retire`): one of the two sides sees the other.
+        process.pid.store(pid, Ordering::SeqCst);
         *self.lock_running() += 1;
         tracing::info!(sidecar = %process.sidecar.name, address = %process.address, pid, program = %program.path.display(), builtin = program.builtin.is_some(), "sidecar started");
+        let key = SidecarKey {
+            address: process.address,
+            pid,
+            fingerprint: process.sidecar.fingerprint(),
+        };
+        let _stdin = child.stdin.take();
+        if let (Some(handoff), Some(stdin), Some(out), Some(err)) =
+            (self.handoff.get(), &_stdin, &child.stdout, &child.stderr)
+        {
+            if let Err(e) = handoff.add_sidecar(&key, [stdin, out, err]) {
+                tracing::warn!(sidecar = %process.sidecar.name, address = %process.address, "an upgrade will restart this sidecar: {e}");
+            }
+        }
         if let Some(out) = child.stdout.take() {
             tokio::spawn(relay(out, process.sidecar.name.clone(), process.address));
         }
@@ -258,10 +351,51 @@ impl Supervisor {
             Some(status) => status,
             None => wait.await,
         };
+        if let Some(handoff) = self.handoff.get() {
+            handoff.remove_sidecar(&key);
+        }
         process.pid.store(0, Ordering::Release);
         *self.lock_running() -= 1;
         self.exited.notify_all();
         status
+    }
+
+    /// Runs a child an old process handed over until it exits (its output ends): relays
+    /// its output, and stops it first if the config does not want it as it is.
+    async fn run_adopted(&self, process: &Process, child: HandedOver) {
+        let HandedOver {
+            key,
+            stdout,
+            stderr,
+        } = child;
+        process.pid.store(key.pid, Ordering::Release);
+        *self.lock_running() += 1;
+        tracing::info!(sidecar = %process.sidecar.name, address = %process.address, pid = key.pid, "sidecar adopted from the previous process");
+        if !process.wanted(self) {
+            process.terminate();
+        }
+        let (name, address) = (process.sidecar.name.clone(), process.address);
+        match (
+            tokio::net::unix::pipe::Receiver::from_owned_fd(stdout),
+            tokio::net::unix::pipe::Receiver::from_owned_fd(stderr),
+        ) {
+            (Ok(out), Ok(err)) => {
+                tokio::spawn(relay(err, name.clone(), address));
+                // Its output ends when it exits.
+                relay(out, name, address).await;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(sidecar = %name, %address, pid = key.pid, "cannot follow the adopted sidecar, stopping it: {e}");
+                process.terminate();
+            }
+        }
+        tracing::info!(sidecar = %process.sidecar.name, address = %process.address, pid = key.pid, "adopted sidecar exited");
+        if let Some(handoff) = self.handoff.get() {
+            handoff.remove_sidecar(&key);
+        }
+        process.pid.store(0, Ordering::Release);
+        *self.lock_running() -= 1;
+        self.exited.notify_all();
     }
 
     /// Stops restarting children and sends each a SIGTERM. Returns at once.
@@ -286,16 +420,20 @@ impl Supervisor {
         *count == 0
     }
 
-    /// Every child's pid and restart count, by address.
+    /// Every child's pid and restart count, by address; those on their way out too.
     pub fn status(&self) -> Vec<ProcessStatus> {
         let processes = lock(&self.processes);
+        let retiring = lock(&self.retiring);
+        let running = retiring.iter().filter(|p| !*p.finished.borrow());
         let mut status: Vec<ProcessStatus> = processes
             .values()
+            .chain(running)
             .map(|p| ProcessStatus {
                 sidecar: p.sidecar.name.clone(),
                 address: p.address.to_string(),
                 pid: Some(p.pid.load(Ordering::Acquire)).filter(|pid| *pid != 0),
                 restarts: p.restarts.get(),
+                retiring: p.retired.load(Ordering::Acquire),
             })
             .collect();
         status.sort_by(|a, b| (&a.sidecar, &a.address).cmp(&(&b.sidecar, &b.address)));
@@ -308,24 +446,43 @@ impl Supervisor {
 }
 
 impl Process {
-    /// Whether it should (still) run.
+    /// Whether it should (still) run, and be run by this process.
     fn wanted(&self, supervisor: &Supervisor) -> bool {
-        !self.retired.load(Ordering::Acquire) && !supervisor.stopping.load(Ordering::Acquire)
+        !self.retired.load(Ordering::SeqCst)
+            && !supervisor.stopping.load(Ordering::SeqCst)
+            && !supervisor.handed_over.load(Ordering::SeqCst)
     }
 
     /// Stops it for good: a reload removed or replaced it.
     fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
+        // SeqCst with `pid` (see `run_once`): a child starting now either sees this, or
+        // has its pid seen here.
+        self.retired.store(true, Ordering::SeqCst);
         self.wake.notify_waiters();
         self.terminate();
     }
 
     /// Sends the running child, if any, a SIGTERM.
     fn terminate(&self) {
-        let pid = self.pid.load(Ordering::Acquire);
+        self.signal(Signal::SIGTERM);
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = self.pid.load(Ordering::SeqCst);
         if pid != 0 {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            let _ = kill(Pid::from_raw(pid as i32), signal);
         }
+    }
+}
+
+/// SIGKILLs a retired process's child if it has not exited [`KILL_AFTER`] after its
+/// SIGTERM: a replacement is waiting for its address.
+async fn kill_if_stuck(process: Arc<Process>) {
+    let mut finished = process.finished.subscribe();
+    let exited = tokio::time::timeout(KILL_AFTER, finished.wait_for(|done| *done)).await;
+    if exited.is_err() {
+        tracing::warn!(sidecar = %process.sidecar.name, address = %process.address, "sidecar ignored SIGTERM for {KILL_AFTER:?}: killing it");
+        process.signal(Signal::SIGKILL);
     }
 }
 

@@ -29,6 +29,18 @@ impl Sidecar {
             && self.args == other.args
             && self.env == other.env
     }
+
+    /// A digest of what [`Self::same_process`] compares, to recognize a process started
+    /// by another proxy process (an upgrade hands its sidecars over).
+    pub fn fingerprint(&self) -> String {
+        let what = format!("{:?}", (&self.name, &self.command, &self.args, &self.env));
+        let sum = ring::digest::digest(&ring::digest::SHA256, what.as_bytes());
+        sum.as_ref()
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// How to start a sidecar.

@@ -142,6 +142,19 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
         });
     }
 
+    // An upgrade hands every listening socket and three pipes per sidecar process over in
+    // one message, which holds at most the kernel's SCM_MAX_FD descriptors.
+    let processes: usize = sidecars.iter().map(|s| s.addresses.len()).sum();
+    let descriptors = listeners.len() + usize::from(raw.admin.is_some()) + 3 * processes;
+    if descriptors > HANDOFF_MAX_FDS {
+        errors.push(
+            "sidecars",
+            format!(
+                "{processes} processes are too many to hand over in an upgrade (3 descriptors \
+                 each, with the listeners at most {HANDOFF_MAX_FDS})"
+            ),
+        );
+    }
     if raw.pools.is_empty() {
         errors.push("pools", "at least one pool is needed");
     }
@@ -231,6 +244,9 @@ fn admin_token(
         Some(token) => Some(token),
     }
 }
+
+/// Most descriptors one upgrade hand-off carries (Linux's `SCM_MAX_FD`).
+const HANDOFF_MAX_FDS: usize = 253;
 
 /// Shortest accepted admin token.
 pub const MIN_ADMIN_TOKEN: usize = 16;

@@ -238,3 +238,24 @@ fn compiling_creates_no_live_state_and_activating_binds_it() {
     );
     assert!(Arc::ptr_eq(&first.pools[0].state, &second.pools[0].state));
 }
+
+#[test]
+fn an_upgrade_can_hand_over_every_sidecar() {
+    let addresses = |n: u16| {
+        (0..n)
+            .map(|i| format!("127.0.0.1:{}", 20_000 + i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let with = |n| {
+        format!(
+            "{MINIMAL}sidecars: [{{ name: s, command: kingdom-api, addresses: [{}] }}]\n",
+            addresses(n)
+        )
+    };
+    assert_eq!(errors(&with(84)), Vec::<String>::new(), "1 + 3 x 84 = 253");
+    assert_eq!(
+        errors(&with(85)),
+        ["line 7: sidecars: 85 processes are too many to hand over in an upgrade (3 descriptors each, with the listeners at most 253)"]
+    );
+}

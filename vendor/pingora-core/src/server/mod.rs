@@ -370,8 +370,12 @@ impl Server {
     }
 
     /// Get the configured file descriptors for listening
+    ///
+    /// kingdom-edge patch: public, so descriptors served outside Pingora's services (an
+    /// admin listener, a supervised child's pipes) can ride the upgrade hand-off. After
+    /// [`Self::bootstrap`] in upgrade mode, it holds what the old process sent.
     #[cfg(unix)]
-    fn listen_fds(&self) -> ListenFds {
+    pub fn listen_fds(&self) -> ListenFds {
         self.bootstrap.lock().get_fds()
     }
 

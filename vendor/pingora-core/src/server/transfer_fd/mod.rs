@@ -22,6 +22,8 @@ use nix::sys::stat;
 use nix::{Error, NixPath};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
+#[cfg(unix)]
+use std::os::fd::OwnedFd as OwnedDescriptor;
 #[cfg(target_os = "linux")]
 use std::io::{IoSlice, IoSliceMut};
 #[cfg(target_os = "linux")]
@@ -52,6 +54,22 @@ impl Fds {
         self.map.get(bind)
     }
 
+    /// kingdom-edge patch: the keys in the table.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+
+    /// kingdom-edge patch: removes `bind` from the table and hands its descriptor to the
+    /// caller, who closes it by dropping it. Only for descriptors the table owns: added
+    /// with `into_raw_fd`, or received from an old process.
+    #[cfg(unix)]
+    pub fn take(&mut self, bind: &str) -> Option<OwnedDescriptor> {
+        let fd = self.map.remove(bind)?;
+        // SAFETY: the table's descriptors are open and owned by the table alone (see
+        // above); removing the entry passes that ownership on exactly once.
+        Some(unsafe { <OwnedDescriptor as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
@@ -72,7 +90,8 @@ impl Fds {
         P: ?Sized + NixPath + std::fmt::Display,
     {
         let (vec_key, vec_fds) = self.serialize();
-        let mut ser_buf: [u8; 2048] = [0; 2048];
+        // kingdom-edge patch: room for every key (was 2048 bytes, silently cut short).
+        let mut ser_buf = vec![0u8; KEYS_BUFFER];
         let ser_key_size = serialize_vec_string(&vec_key, &mut ser_buf);
         send_fds_to(vec_fds, &ser_buf[..ser_key_size], path, None)
     }
@@ -81,7 +100,7 @@ impl Fds {
     where
         P: ?Sized + NixPath + std::fmt::Display,
     {
-        let mut de_buf: [u8; 2048] = [0; 2048];
+        let mut de_buf = vec![0u8; KEYS_BUFFER];
         let (fds, bytes) = get_fds_from(path, &mut de_buf, None)?;
         let keys = deserialize_vec_string(&de_buf[..bytes])?;
         self.deserialize(keys, fds);
@@ -112,6 +131,9 @@ impl Fds {
     }
 }
 
+/// kingdom-edge patch: how many bytes the space-separated keys of one hand-off may take.
+const KEYS_BUFFER: usize = 16 * 1024;
+
 fn serialize_vec_string(vec_string: &[String], mut buf: &mut [u8]) -> usize {
     // There are many ways to do this. Serde is probably the way to go
     // But let's start with something simple: space separated strings
@@ -135,7 +157,9 @@ where
     P: ?Sized + NixPath + std::fmt::Display,
 {
     let max_retry = max_retry.unwrap_or(MAX_RETRY);
-    const MAX_FDS: usize = 32;
+    // kingdom-edge patch: the kernel's SCM_MAX_FD (was 32: a listener, an admin socket and
+    // the pipes of ten supervised children did not fit).
+    const MAX_FDS: usize = 253;
 
     let listen_fd = socket::socket(
         AddressFamily::Unix,
