@@ -657,19 +657,22 @@ impl ProxyHttp for EdgeProxy {
         if rejection == Some(Rejection::RequestTimeout) {
             self.metrics.client_timeouts.count("body");
         }
-        let error_code = match rejection {
+        let (error_code, answered) = match rejection {
             Some(rejection) if !response_started(session) => {
                 match respond(session, ctx, rejection).await {
-                    Ok(()) => rejection.status(),
-                    Err(_) => 0,
+                    Ok(()) => (rejection.status(), true),
+                    Err(_) => (0, false),
                 }
             }
-            Some(rejection) => rejection.status(),
-            None => 0,
+            Some(rejection) => (rejection.status(), false),
+            None => (0, false),
         };
         FailToProxy {
             error_code,
-            can_reuse_downstream: false,
+            // What `respond` told the client decides: a connection its answer kept alive
+            // (no `Connection: close`) must stay open, or the client's next request on it
+            // meets a reset.
+            can_reuse_downstream: answered,
         }
     }
 

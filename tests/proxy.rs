@@ -133,39 +133,35 @@ async fn unknown_paths_get_a_json_404_with_the_request_id() {
     assert_eq!(body["request_id"], "trace-123");
 
     // The connection stays usable: two 404s, then a routed request, on one connection.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
     for (path, status) in [("/a", "404"), ("/b", "404"), ("/v1/echo", "200")] {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        let complete = |a: &[u8]| {
-            let text = String::from_utf8_lossy(a).to_ascii_lowercase();
-            let Some((head, body)) = text.split_once("\r\n\r\n") else {
-                return false;
-            };
-            let length = head.lines().find_map(|l| {
-                l.strip_prefix("content-length: ")?
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-            });
-            length.is_some_and(|n| body.len() >= n)
-        };
-        while !complete(&answer) {
-            let read = tokio::time::timeout(common::DEADLINE, stream.read(&mut buf)).await;
-            let n = read.expect("the proxy answers").unwrap();
-            assert!(
-                n > 0,
-                "{path}: closed after {:?}",
-                String::from_utf8_lossy(&answer)
-            );
-            answer.extend_from_slice(&buf[..n]);
-        }
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = common::ask_on(
+            &mut stream,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await;
         assert!(
             answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_503_that_keeps_its_connection_open_serves_the_next_request_on_it() {
+    // Every backend down and `fail_closed`: the 503 comes from choosing a backend.
+    let dead = addr(free_ports(1)[0]);
+    let (yaml, proxy, admin) = common::pool_config(
+        &[dead],
+        &["panic: fail_closed", "health_check: { path: /healthz }"],
+    );
+    let edge = Edge::start(&yaml, proxy, admin).await;
+    let mut stream = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
+    for _ in 0..3 {
+        let answer = common::ask_on(&mut stream, "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("no_healthy_backend"),
             "{answer}"
         );
     }

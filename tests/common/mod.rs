@@ -776,3 +776,32 @@ pub async fn websocket_echo_upstream() -> SocketAddr {
     });
     address
 }
+
+/// Sends `request` on `stream` and reads one whole answer (its `Content-Length` body); panics
+/// if the proxy closes the connection first.
+pub async fn ask_on(stream: &mut tokio::net::TcpStream, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |a: &[u8]| {
+        let text = String::from_utf8_lossy(a).to_ascii_lowercase();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head.lines().find_map(|l| {
+            l.strip_prefix("content-length: ")?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+        length.is_some_and(|n| body.len() >= n)
+    };
+    while !complete(&answer) {
+        let read = tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await;
+        let n = read.expect("the proxy answers").unwrap_or(0);
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}

@@ -1373,6 +1373,11 @@ where
                 session.cache.disable(reason);
             }
             let res = self.inner.fail_to_proxy(&mut session, e, &mut ctx).await;
+            // kingdom-edge patch: the answer `fail_to_proxy` wrote decides whether the client
+            // connection is kept (its session still refuses reuse if the answer said
+            // `Connection: close` or the request body was left unread). Ignoring it closed a
+            // connection whose answer had promised keep-alive.
+            server_reuse = res.can_reuse_downstream;
 
             // final error will have > 0 status unless downstream connection is dead
             if !self.inner.suppress_error_log(&session, &ctx, e) {
