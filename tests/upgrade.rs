@@ -50,6 +50,7 @@ pools:
   api:
     backends: [{{ address: 127.0.0.1:{a1} }}, {{ address: 127.0.0.1:{a2} }}]
     health_check: {{ path: /healthz, interval: 200ms }}
+    panic: fail_closed     # a new process in panic mode would answer 503
   app: {{ backends: [{{ address: {app} }}] }}
 routes:
   - {{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::health::{self, HealthPolicy, FIRST_PASS_INTERVAL};
-use crate::snapshot::ConfigStore;
+use crate::snapshot::{ConfigStore, Snapshot};
 
 /// Keeps one probing task per checked backend of the snapshot in force, for as long as the
 /// process runs.
@@ -45,6 +45,24 @@ pub async fn run(store: Arc<ConfigStore>) {
             return;
         }
     }
+}
+
+/// Probes every checked backend of `snapshot` once, all at the same time, and records what
+/// each saw: a process that takes over from another (an upgrade) serves from its first
+/// request with its backends' health known, not in panic mode.
+pub async fn probe_all_once(snapshot: &Snapshot) {
+    let probes = snapshot.pools.iter().flat_map(|pool| {
+        pool.health.iter().flat_map(move |policy| {
+            pool.backends
+                .iter()
+                .enumerate()
+                .map(move |(id, backend)| async move {
+                    let (passed, detail) = health::probe(policy, backend.address).await;
+                    pool.record_probe(id, Instant::now(), passed, detail);
+                })
+        })
+    });
+    futures::future::join_all(probes).await;
 }
 
 /// Probes `address` of `pool` for as long as the task runs: [`run`] aborts it when a reload

@@ -153,6 +153,13 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     if let Some(old) = predecessor {
+        // Health first: traffic arrives as soon as the sockets do.
+        let probes = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StartError::Upgrade(e.to_string()))?;
+        probes.block_on(health_checks::probe_all_once(&snapshot));
+        drop(probes);
         upgrade::signal_when_listening(&snapshot.server.upgrade_socket, old)
             .map_err(|e| StartError::Upgrade(e.to_string()))?;
         tracing::info!(pid = old.as_raw(), socket = %snapshot.server.upgrade_socket.display(), "upgrade: taking over");
