@@ -245,6 +245,55 @@ async fn an_upgrade_under_load_fails_no_request_and_keeps_the_sidecars_running()
         log.contains("sidecar adopted from the previous process"),
         "{log}"
     );
+    // systemd must not hear that the unit stops: it lives on in the new process.
+    let heard = notes.lock().unwrap().clone();
+    assert!(!heard.iter().any(|n| n.contains("STOPPING")), "{heard:?}");
+}
+
+#[tokio::test]
+async fn a_new_process_that_fails_after_taking_the_sockets_leaves_the_old_one_serving() {
+    let p = free_ports(5);
+    let (edge, _notes) = start(&p).await;
+    let old = edge.pid();
+    // The new config adds a listener on a port another process holds: the new process
+    // receives the sockets, cannot bind it, and exits without confirming.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", p[4])).unwrap();
+    let good = std::fs::read_to_string(edge.config_path()).unwrap();
+    let blocked = good.replace(
+        "listeners: [",
+        &format!(
+            "listeners: [{{ name: extra, address: 127.0.0.1:{} }}, ",
+            p[4]
+        ),
+    );
+    std::fs::write(edge.config_path(), blocked).unwrap();
+    edge.signal(Signal::SIGUSR2);
+    wait_for("the aborted upgrade to be logged", || {
+        std::future::ready(edge.stderr().contains("upgrade aborted").then_some(()))
+    })
+    .await;
+    drop(taken);
+    let log = edge.stderr();
+    assert!(
+        log.contains("cannot listen on"),
+        "the new process said why: {log}"
+    );
+    assert!(!log.contains("handing the sockets"), "{log}");
+    // Everything still works in the old process, the admin API included.
+    for path in ["/ok", "/v1/echo"] {
+        let response = common::client().get(edge.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let status = edge.status().await;
+    assert_eq!(status["pid"], old);
+    assert_eq!(status["draining"], false);
+    // And a later upgrade, with a config that works, goes through.
+    std::fs::write(edge.config_path(), good).unwrap();
+    let mut edge = edge;
+    edge.signal(Signal::SIGUSR2);
+    let new = new_pid(&edge, old).await;
+    let _successor = Successor(new);
+    assert!(edge.wait_exit().await.success());
 }
 
 #[tokio::test]

@@ -52,6 +52,10 @@ struct Run {
     /// `server.pid_file`).
     #[arg(long, requires = "upgrade")]
     from: Option<i32>,
+    /// With --upgrade: the unix socket the running process sends its sockets to (default:
+    /// `server.upgrade_socket`; SIGUSR2 passes the one the running process uses).
+    #[arg(long, requires = "upgrade")]
+    upgrade_socket: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
             let options = RunOptions {
                 upgrade: run.upgrade,
                 from: run.from,
+                upgrade_socket: run.upgrade_socket,
             };
             match runtime::run(&cli.config, options) {
                 Ok(never) => match never {},

@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use nix::sys::signal::Signal;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -44,16 +45,19 @@ pub struct RunOptions {
     pub upgrade: bool,
     /// That process's pid (`--from`); without it, the pid in `server.pid_file`.
     pub from: Option<i32>,
+    /// The unix socket that process sends its sockets to (`--upgrade-socket`); without it,
+    /// `server.upgrade_socket`.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// Runs the proxy until a signal stops it. Does not return on success: SIGTERM drains and
 /// exits, SIGINT exits at once, SIGQUIT hands everything to a successor and drains.
 pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible, StartError> {
-    // Until the reload task handles it, SIGHUP must not end the process (its default).
-    let _ = ignore_sighup();
+    // Until their tasks handle them, these signals must not end the process (their default).
+    ignore_until_handled(&[Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2]);
     // A successor is started from the binary's path as it is now (SIGUSR2), with the same
     // config file wherever the working directory is.
-    let exe = std::env::current_exe().map_err(|e| StartError::Upgrade(e.to_string()))?;
+    let exe = upgrade::own_path().map_err(|e| StartError::Upgrade(e.to_string()))?;
     let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let text = config::read(path).map_err(StartError::Config)?;
     let mut snapshot = load(&text, &process_env).map_err(StartError::Config)?;
@@ -85,17 +89,24 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
 
     let predecessor = match (options.upgrade, options.from, &snapshot.server.pid_file) {
         (false, _, _) => None,
-        (true, Some(pid), _) => Some(nix::unistd::Pid::from_raw(pid)),
-        (true, None, Some(pid_file)) => Some(
-            upgrade::pid_in(pid_file)
-                .map_err(|e| StartError::Upgrade(format!("no process to take over: {e}")))?,
-        ),
+        (true, Some(pid), _) => Some(pid),
+        (true, None, Some(pid_file)) => {
+            Some(upgrade::pid_in(pid_file).map_err(StartError::Upgrade)?)
+        }
         (true, None, None) => {
             return Err(StartError::Upgrade(
                 "give the old process with --from PID, or set server.pid_file".into(),
             ))
         }
     };
+    let predecessor = predecessor
+        .map(upgrade::predecessor)
+        .transpose()
+        .map_err(StartError::Upgrade)?;
+    let upgrade_socket = options
+        .upgrade_socket
+        .clone()
+        .unwrap_or_else(|| snapshot.server.upgrade_socket.clone());
     if predecessor.is_none() {
         // Bind-check every address now, so a port in use is one clear error before anything
         // starts. (An upgrade takes the sockets over instead.)
@@ -143,7 +154,7 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
         // requests are done or `shutdown_timeout` (as a reload may have changed it) is over.
         grace_period_seconds: Some(GRACE_BACKSTOP.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
-        upgrade_sock: snapshot.server.upgrade_socket.display().to_string(),
+        upgrade_sock: upgrade_socket.display().to_string(),
         ..ServerConf::default()
     };
     conf.daemon = false;
@@ -160,13 +171,25 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
             .map_err(|e| StartError::Upgrade(e.to_string()))?;
         probes.block_on(health_checks::probe_all_once(&snapshot));
         drop(probes);
-        upgrade::signal_when_listening(&snapshot.server.upgrade_socket, old)
+        upgrade::signal_when_listening(&upgrade_socket, old)
             .map_err(|e| StartError::Upgrade(e.to_string()))?;
-        tracing::info!(pid = old.as_raw(), socket = %snapshot.server.upgrade_socket.display(), "upgrade: taking over");
+        tracing::info!(pid = old.as_raw(), socket = %upgrade_socket.display(), "upgrade: taking over");
     }
     // In an upgrade, this receives the old process's sockets and sidecar pipes.
     server.bootstrap();
     let handoff = Handoff::new(server.listen_fds());
+    // What the old process waits for before it gives anything up: sent once this process
+    // serves. Failing before that (here, a listener address another process holds) leaves
+    // the old process serving.
+    let upgrade_ack = std::sync::Mutex::new(server.take_upgrade_ack());
+    if predecessor.is_some() {
+        let inherited = handoff.keys();
+        for listener in &snapshot.listeners {
+            if !inherited.contains(&listener.address.to_string()) {
+                bind(listener.address, &format!("listener {}", listener.name))?;
+            }
+        }
+    }
     let admin_listener = match &snapshot.admin {
         Some(admin) => {
             Some(
@@ -182,23 +205,17 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
         None => None,
     };
     supervisor.use_handoff(handoff.clone());
-    // What rides the hand-off besides the listeners: claimed, so it is not closed as stale.
+    // What rides the hand-off besides the listeners (the admin socket, sidecar pipes) is
+    // claimed, so Pingora does not close it; an inherited socket the config no longer names
+    // (a removed listener, a moved admin API) is not, so it is closed rather than left to
+    // swallow connections.
+    let admin_key = snapshot.admin.as_ref().map(|a| a.address.to_string());
     let claimed = handoff
         .keys()
         .into_iter()
-        .filter(|key| {
-            !snapshot
-                .listeners
-                .iter()
-                .any(|l| l.address.to_string() == *key)
-        })
+        .filter(|key| upgrade::is_sidecar_key(key) || Some(key) == admin_key.as_ref())
         .collect();
     server.add_service(Claim(claimed));
-    if let Some(pid_file) = &snapshot.server.pid_file {
-        if let Err(e) = upgrade::write_pid_file(pid_file) {
-            tracing::error!(pid_file = %pid_file.display(), "cannot write the pid file: {e}");
-        }
-    }
 
     let banner: Vec<String> = snapshot
         .listeners
@@ -274,7 +291,21 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
         "reload",
         Task::new({
             let reloader = reloader.clone();
+            let pid_file = snapshot.server.pid_file.clone();
             move || {
+                // The services are up: confirm to the old process (in an upgrade), then
+                // tell systemd and the pid file who serves.
+                if let Some(ack) = upgrade_ack.lock().ok().and_then(|mut a| a.take()) {
+                    match ack.confirm() {
+                        Ok(()) => tracing::info!("upgrade: this process serves; the old one drains"),
+                        Err(e) => tracing::error!("upgrade: cannot confirm to the old process: {e}"),
+                    }
+                }
+                if let Some(pid_file) = &pid_file {
+                    if let Err(e) = upgrade::write_pid_file(pid_file) {
+                        tracing::error!(pid_file = %pid_file.display(), "cannot write the pid file: {e}");
+                    }
+                }
                 notify::ready();
                 Box::pin(watch::reload_on_triggers(reloader.clone()))
             }
@@ -283,8 +314,15 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
     server.add_service(background_service(
         "upgrade",
         Task::new({
-            let (exe, path) = (exe.clone(), path.to_path_buf());
-            move || Box::pin(upgrade::upgrade_on_sigusr2(exe.clone(), path.clone()))
+            let (path, socket) = (path.to_path_buf(), upgrade_socket.clone());
+            move || {
+                Box::pin(upgrade::upgrade_on_sigusr2(upgrade::Successor {
+                    exe: exe.clone(),
+                    config: path.clone(),
+                    socket: socket.clone(),
+                    busy: Default::default(),
+                }))
+            }
         }),
     ));
     server.add_service(background_service(
@@ -372,12 +410,17 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
     std::process::exit(0)
 }
 
-/// Ignores SIGHUP, whose default is to end the process, until a handler takes it over.
-fn ignore_sighup() -> nix::Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+/// Ignores `signals`, whose default is to end the process, until their tasks handle them (a
+/// logrotate SIGUSR1 or a reload's SIGHUP during start-up must not kill it).
+fn ignore_until_handled(signals: &[Signal]) {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // SAFETY: installing SIG_IGN runs no code in the handler, so nothing can be unsound.
-    unsafe { sigaction(Signal::SIGHUP, &ignore) }.map(|_| ())
+    for signal in signals {
+        // SAFETY: installing SIG_IGN runs no code in a handler, so nothing can be unsound.
+        if let Err(e) = unsafe { sigaction(*signal, &ignore) } {
+            tracing::warn!("cannot ignore {signal} during start-up: {e}");
+        }
+    }
 }
 
 /// Claims what the hand-off table holds besides the listeners (the admin socket, sidecar

@@ -7,8 +7,9 @@
 //! period; the drain watcher exits the process as soon as no request is in flight (or
 //! `server.shutdown_timeout` passes), after stopping the sidecars.
 //!
-//! `SIGQUIT` hands the sockets to a successor (see `upgrade`): the same drain follows, with
-//! `Connection: close` from the hand-off on, and the sidecars left running for the successor.
+//! `SIGQUIT` hands the sockets to a successor (see `upgrade`): once the successor confirms it
+//! serves, the same drain follows, with `Connection: close` from then on, and the sidecars
+//! left running for the successor. Without the confirmation nothing changes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -107,7 +108,11 @@ impl Drain {
             .name("drain".into())
             .spawn(move || loop {
                 match phases.blocking_recv() {
-                    Ok(ExecutionPhase::GracefulUpgradeTransferringFds) => self.hand_over(),
+                    // The new process confirmed it serves: it takes everything over.
+                    Ok(ExecutionPhase::GracefulUpgradeCloseTimeout) => self.hand_over(),
+                    Ok(ExecutionPhase::GracefulUpgradeAborted) => {
+                        tracing::error!("upgrade aborted: the new process did not take over; this process keeps serving")
+                    }
                     Ok(ExecutionPhase::ShutdownGracePeriod) => self.drain_and_exit(),
                     Ok(_) | Err(RecvError::Lagged(_)) => continue,
                     Err(RecvError::Closed) => return,
@@ -132,7 +137,11 @@ impl Drain {
 
     fn drain_and_exit(&self) -> ! {
         self.draining.store(true, Ordering::Release);
-        super::notify::notify("STOPPING=1");
+        // After a hand-over the unit lives on in the new process: telling systemd this
+        // one stops would make it stop the unit.
+        if !*self.handing_over.borrow() {
+            super::notify::notify("STOPPING=1");
+        }
         let deadline = Instant::now() + self.store.load().server.shutdown_timeout;
         tracing::info!(in_flight = self.in_flight.get(), "draining");
         while self.in_flight.get() > 0 && Instant::now() < deadline {

@@ -181,7 +181,10 @@ impl Supervisor {
                 .iter()
                 .position(|h| h.key.address == address && h.key.fingerprint == fingerprint)
                 .map(|i| handed.swap_remove(i));
-            let process = self.process(sidecar, address, adopted);
+            let restarts = self
+                .metrics
+                .sidecar_restarts(&sidecar.name, &address.to_string());
+            let process = self.process(sidecar, address, adopted, restarts);
             processes.insert(address, process.clone());
             runtime.spawn(self.clone().keep_running(process));
         }
@@ -195,7 +198,10 @@ impl Supervisor {
                 args: Vec::new(),
                 env: Default::default(),
             };
-            let process = self.process(&sidecar, child.key.address, Some(child));
+            // Its name is unknown: it counts restarts nowhere.
+            let restarts = IntCounter::new("kingdom_edge_detached", "not exported")
+                .expect("static metric definition");
+            let process = self.process(&sidecar, child.key.address, Some(child), restarts);
             process.retired.store(true, Ordering::SeqCst);
             retiring.push(process.clone());
             runtime.spawn(kill_if_stuck(process.clone()));
@@ -208,14 +214,13 @@ impl Supervisor {
         sidecar: &Sidecar,
         address: SocketAddr,
         adopted: Option<HandedOver>,
+        restarts: IntCounter,
     ) -> Arc<Process> {
         Arc::new(Process {
             sidecar: sidecar.clone(),
             address,
             pid: AtomicU32::new(0),
-            restarts: self
-                .metrics
-                .sidecar_restarts(&sidecar.name, &address.to_string()),
+            restarts,
             retired: AtomicBool::new(false),
             adopted: Mutex::new(adopted),
             wake: Notify::new(),
@@ -381,8 +386,12 @@ impl Supervisor {
         ) {
             (Ok(out), Ok(err)) => {
                 tokio::spawn(relay(err, name.clone(), address));
-                // Its output ends when it exits.
+                // Its output ends when it exits (or closes it): then wait for the process
+                // itself to be gone, whoever reaps it.
                 relay(out, name, address).await;
+                while kill(Pid::from_raw(key.pid as i32), None).is_ok() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(sidecar = %name, %address, pid = key.pid, "cannot follow the adopted sidecar, stopping it: {e}");
@@ -398,8 +407,12 @@ impl Supervisor {
         self.exited.notify_all();
     }
 
-    /// Stops restarting children and sends each a SIGTERM. Returns at once.
+    /// Stops restarting children and sends each a SIGTERM (unless they were handed to a
+    /// successor). Returns at once.
     pub fn stop(&self) {
+        if self.handed_over.load(Ordering::SeqCst) {
+            return;
+        }
         self.stopping.store(true, Ordering::Release);
         for process in lock(&self.processes).values() {
             process.wake.notify_waiters();

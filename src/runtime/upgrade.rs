@@ -2,14 +2,16 @@
 //!
 //! `SIGUSR2` (as in nginx) makes the running process start its successor: the binary at the
 //! path it was started from, re-read from disk, with `run --upgrade --from <pid>` and the same
-//! config file. The successor loads and checks everything it can first; then it listens on
-//! `server.upgrade_socket` and itself sends the old process `SIGQUIT`, so the old process
-//! gives up its sockets only to a process that is ready for them. The old process sends every
-//! listening socket (the admin API's too) and the pipes of its sidecars over that socket,
-//! keeps accepting for a few seconds with `Connection: close` on every answer, then drains
-//! its requests and exits without stopping the sidecars: the successor adopts them, so the
-//! sidecar pools never go down. If the successor fails before the hand-off, the old process
-//! logs why and keeps serving.
+//! config file and upgrade socket. The successor loads and checks everything it can first
+//! (config, certificates, its backends' health); then it listens on the upgrade socket and
+//! itself sends the old process `SIGQUIT`. The old process sends every listening socket (the
+//! admin API's too) and the pipes of its sidecars over that socket, and waits for the
+//! successor to confirm that it serves (a byte back on the same connection, vendored
+//! pingora-core patch 10). Only then does it give anything up: it keeps accepting for a few
+//! seconds with `Connection: close` on every answer, drains its requests and exits without
+//! stopping the sidecars, which the successor has adopted, so the sidecar pools never go down.
+//! If the successor fails at any point before it confirms, the old process logs why and
+//! keeps serving as before.
 //!
 //! `kingdom-edge run --upgrade` without `--from` takes over from the process whose pid is in
 //! `server.pid_file`.
@@ -19,6 +21,8 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -97,6 +101,11 @@ impl SidecarKey {
             pipe,
         ))
     }
+}
+
+/// Whether a hand-off key is a sidecar's pipe.
+pub fn is_sidecar_key(key: &str) -> bool {
+    SidecarKey::parse(key).is_some()
 }
 
 /// The hand-off table (Pingora's listening fds), shared by everything that puts descriptors
@@ -225,32 +234,51 @@ pub fn signal_when_listening(socket: &Path, from: Pid) -> io::Result<()> {
     Ok(())
 }
 
-/// Starts the successor of this process: `exe run -c config --upgrade --from <our pid>`,
-/// with our environment and standard streams. A thread reaps it if it exits (an upgrade that
-/// failed before the hand-off: this process keeps serving).
-pub fn start_successor(exe: &Path, config: &Path) -> io::Result<u32> {
-    let mut child = Command::new(exe)
+/// What a successor is started with.
+pub struct Successor {
+    /// The binary, as its path is now (a symlink is followed when it starts).
+    pub exe: PathBuf,
+    /// The config file, absolute.
+    pub config: PathBuf,
+    /// The upgrade socket this process will send its sockets to.
+    pub socket: PathBuf,
+    /// Set while a successor is on its way (and for good once it took over): a second
+    /// `SIGUSR2` is ignored.
+    pub busy: Arc<AtomicBool>,
+}
+
+/// Starts the successor of this process: `exe run -c config --upgrade --from <our pid>
+/// --upgrade-socket <socket>`, with our environment and standard streams. A thread reaps it
+/// if it exits (an upgrade that failed: this process keeps serving, and may try again).
+pub fn start_successor(successor: &Successor) -> io::Result<u32> {
+    let mut child = Command::new(&successor.exe)
         .arg("run")
         .arg("-c")
-        .arg(config)
+        .arg(&successor.config)
         .arg("--upgrade")
         .arg("--from")
         .arg(std::process::id().to_string())
+        .arg("--upgrade-socket")
+        .arg(&successor.socket)
         .spawn()?;
     let pid = child.id();
+    let busy = successor.busy.clone();
     std::thread::Builder::new()
         .name("successor".into())
-        .spawn(move || match child.wait() {
-            Ok(status) => {
-                tracing::error!(pid, %status, "upgrade failed: the new process exited; this one keeps serving")
+        .spawn(move || {
+            match child.wait() {
+                Ok(status) => {
+                    tracing::error!(pid, %status, "upgrade failed: the new process exited")
+                }
+                Err(e) => tracing::error!(pid, "upgrade: cannot wait for the new process: {e}"),
             }
-            Err(e) => tracing::error!(pid, "upgrade: cannot wait for the new process: {e}"),
+            busy.store(false, Ordering::SeqCst);
         })?;
     Ok(pid)
 }
 
-/// Starts a successor on every `SIGUSR2`, for as long as the process runs.
-pub async fn upgrade_on_sigusr2(exe: PathBuf, config: PathBuf) {
+/// Starts a successor on `SIGUSR2`, one at a time, for as long as the process runs.
+pub async fn upgrade_on_sigusr2(successor: Successor) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut usr2 = match signal(SignalKind::user_defined2()) {
         Ok(usr2) => usr2,
@@ -259,27 +287,57 @@ pub async fn upgrade_on_sigusr2(exe: PathBuf, config: PathBuf) {
             return;
         }
     };
+    let exe = successor.exe.display().to_string();
     while usr2.recv().await.is_some() {
-        match start_successor(&exe, &config) {
-            Ok(pid) => {
-                tracing::info!(pid, exe = %exe.display(), "SIGUSR2: started the new process")
-            }
+        if successor.busy.swap(true, Ordering::SeqCst) {
+            tracing::warn!("SIGUSR2 ignored: an upgrade is already under way, or done");
+            continue;
+        }
+        match start_successor(&successor) {
+            Ok(pid) => tracing::info!(pid, %exe, "SIGUSR2: started the new process"),
             Err(e) => {
-                tracing::error!(exe = %exe.display(), "SIGUSR2: cannot start the new process: {e}")
+                successor.busy.store(false, Ordering::SeqCst);
+                tracing::error!(%exe, "SIGUSR2: cannot start the new process: {e}")
             }
         }
     }
 }
 
-/// The process whose pid is in `pid_file`.
-pub fn pid_in(pid_file: &Path) -> io::Result<Pid> {
-    let text = std::fs::read_to_string(pid_file)?;
-    text.trim().parse::<i32>().map(Pid::from_raw).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("no pid in {}", pid_file.display()),
-        )
-    })
+/// The path this binary was started by, for a successor to run: `argv[0]` made absolute
+/// when it names a path (so a symlink switched to a new release is followed), else the
+/// executable itself.
+pub fn own_path() -> io::Result<PathBuf> {
+    match std::env::args_os().next().map(PathBuf::from) {
+        Some(argv0) if argv0.components().count() > 1 => std::path::absolute(argv0),
+        _ => std::env::current_exe(),
+    }
+}
+
+/// The process to take over from: a pid above 1, not this process, running the same
+/// program (its name, as the kernel has it, is ours), so a stale pid file never makes us
+/// signal a stranger.
+pub fn predecessor(pid: i32) -> Result<Pid, String> {
+    if pid <= 1 || pid == std::process::id() as i32 {
+        return Err(format!("{pid} is not a process to take over from"));
+    }
+    let name = |of: &str| std::fs::read_to_string(format!("/proc/{of}/comm")).ok();
+    match (name(&pid.to_string()), name("self")) {
+        (None, _) => Err(format!("no process {pid} is running")),
+        (Some(theirs), Some(ours)) if theirs != ours => Err(format!(
+            "process {pid} is `{}`, not kingdom-edge",
+            theirs.trim()
+        )),
+        _ => Ok(Pid::from_raw(pid)),
+    }
+}
+
+/// The pid in `pid_file`.
+pub fn pid_in(pid_file: &Path) -> Result<i32, String> {
+    let text = std::fs::read_to_string(pid_file)
+        .map_err(|e| format!("cannot read {}: {e}", pid_file.display()))?;
+    text.trim()
+        .parse::<i32>()
+        .map_err(|_| format!("no pid in {}", pid_file.display()))
 }
 
 /// Writes this process's pid to `path` (replacing it whole).

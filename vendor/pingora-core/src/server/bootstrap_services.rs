@@ -75,6 +75,11 @@ pub struct Bootstrap {
     #[cfg(unix)]
     expected_listen_addrs: Option<HashSet<String>>,
 
+    /// kingdom-edge patch: the transfer connection, for the confirmation the old process
+    /// waits for.
+    #[cfg(unix)]
+    upgrade_ack: Option<super::UpgradeAck>,
+
     /// PID of the original parent process to notify via `SIGUSR1` after bootstrap completes.
     /// Set when [`ServerConf::daemon_wait_for_ready`] is `true`.
     #[cfg(unix)]
@@ -123,6 +128,8 @@ impl Bootstrap {
             listen_fds: Arc::new(Mutex::new(Fds::new())),
             #[cfg(unix)]
             expected_listen_addrs: None,
+            #[cfg(unix)]
+            upgrade_ack: None,
             #[cfg(unix)]
             notify_parent_pid: None,
             #[cfg(unix)]
@@ -247,7 +254,7 @@ impl Bootstrap {
         if upgrade {
             debug!("Trying to receive socks");
             let mut fds = Fds::new();
-            fds.get_from_sock(self.upgrade_sock.as_str())?;
+            self.upgrade_ack = Some(fds.get_from_sock_acked(self.upgrade_sock.as_str())?);
             if let Some(expected) = &self.expected_listen_addrs {
                 Self::close_unclaimed_fds(&mut fds, expected);
             }
@@ -267,6 +274,12 @@ impl Bootstrap {
                 closed
             );
         }
+    }
+
+    /// kingdom-edge patch: see [`super::Server::take_upgrade_ack`].
+    #[cfg(unix)]
+    pub fn take_upgrade_ack(&mut self) -> Option<super::UpgradeAck> {
+        self.upgrade_ack.take()
     }
 
     #[cfg(unix)]

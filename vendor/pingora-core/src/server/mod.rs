@@ -54,7 +54,11 @@ use crate::services::{
 use configuration::{Opt, ServerConf};
 use std::collections::HashMap;
 #[cfg(unix)]
-pub use transfer_fd::Fds;
+pub use transfer_fd::{Fds, UpgradeAck};
+
+/// kingdom-edge patch: how long an old process waits for the new one to confirm it serves.
+#[cfg(unix)]
+const UPGRADE_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 use pingora_error::{Error, ErrorType, Result};
 
@@ -103,6 +107,11 @@ pub enum ExecutionPhase {
     /// FDs have been sent to the new process.
     /// Waiting a fixed amount of time to allow the new process to take the sockets.
     GracefulUpgradeCloseTimeout,
+
+    /// kingdom-edge patch: the new process did not confirm it took the sockets over (it
+    /// failed or died, or the transfer failed): this process keeps serving, back in
+    /// [`Self::Running`].
+    GracefulUpgradeAborted,
 
     /// A TERM signal was received, indicating that the server should shut down gracefully.
     GracefulTerminate,
@@ -238,13 +247,27 @@ impl Server {
 
     #[cfg(unix)]
     async fn main_loop(&self, run_args: RunArgs) -> ShutdownType {
+        // kingdom-edge patch: an upgrade the new process does not confirm is undone, and
+        // this process waits for the next signal.
+        loop {
+            if let Some(shutdown) = self.main_loop_once(&run_args).await {
+                return shutdown;
+            }
+            self.execution_phase_watch
+                .send(ExecutionPhase::GracefulUpgradeAborted)
+                .ok();
+        }
+    }
+
+    #[cfg(unix)]
+    async fn main_loop_once(&self, run_args: &RunArgs) -> Option<ShutdownType> {
         // waiting for exit signal
 
         self.execution_phase_watch
             .send(ExecutionPhase::Running)
             .ok();
 
-        match run_args.shutdown_signal.recv().await {
+        Some(match run_args.shutdown_signal.recv().await {
             ShutdownSignal::FastShutdown => {
                 info!("SIGINT received, exiting");
                 ShutdownType::Quick
@@ -287,14 +310,22 @@ impl Server {
                         false
                     } else {
                         info!("Trying to send socks");
-                        match fds.send_to_sock(self.configuration.as_ref().upgrade_sock.as_str()) {
+                        // kingdom-edge patch: the new process confirms it serves (one byte
+                        // back on the transfer connection); until it does, nothing is given
+                        // up, and without it this process keeps serving (it still holds the
+                        // sockets it sent).
+                        match fds.send_to_sock_acked(
+                            self.configuration.as_ref().upgrade_sock.as_str(),
+                            UPGRADE_ACK_TIMEOUT,
+                        ) {
                             Ok(_) => {
-                                info!("listener sockets sent");
+                                info!("listener sockets sent, and the new process serves");
                             }
                             Err(e) => {
-                                error!("Unable to send listener sockets to new process: {e}");
+                                error!("Upgrade aborted, this process keeps serving: the new process did not take the sockets over: {e}");
                                 #[cfg(all(not(debug_assertions), feature = "sentry"))]
                                 sentry::capture_error(&e);
+                                return None;
                             }
                         }
                         true
@@ -315,13 +346,13 @@ impl Server {
                     Err(e) => {
                         error!("Graceful shutdown broadcast failed: {e}");
                         // switch to fast shutdown
-                        return ShutdownType::Graceful;
+                        return Some(ShutdownType::Graceful);
                     }
                 }
                 info!("Broadcast graceful shutdown complete");
                 ShutdownType::Graceful
             }
-        }
+        })
     }
 
     #[cfg(windows)]
@@ -367,6 +398,15 @@ impl Server {
     /// Panics and other events sentry captures will be sent to this DSN **only in release mode**
     pub fn set_sentry_config(&mut self, sentry_config: ClientOptions) {
         self.bootstrap.lock().set_sentry_config(Some(sentry_config));
+    }
+
+    /// kingdom-edge patch: in a process started with `--upgrade`, the confirmation the old
+    /// process waits for before it gives its sockets up; `None` otherwise, or once taken.
+    /// Send it ([`UpgradeAck::confirm`]) when this process serves; dropping it unsent (or
+    /// dying) makes the old process keep serving.
+    #[cfg(unix)]
+    pub fn take_upgrade_ack(&self) -> Option<UpgradeAck> {
+        self.bootstrap.lock().take_upgrade_ack()
     }
 
     /// Get the configured file descriptors for listening

@@ -89,22 +89,60 @@ impl Fds {
     where
         P: ?Sized + NixPath + std::fmt::Display,
     {
+        self.send(path, None)
+    }
+
+    /// kingdom-edge patch: [`Self::send_to_sock`], then waits up to `ack` for the receiving
+    /// process to confirm it serves ([`UpgradeAck::confirm`]). An error means it did not:
+    /// the sender still holds its own sockets and can keep serving.
+    pub fn send_to_sock_acked<P>(&self, path: &P, ack: std::time::Duration) -> Result<usize, Error>
+    where
+        P: ?Sized + NixPath + std::fmt::Display,
+    {
+        self.send(path, Some(ack))
+    }
+
+    fn send<P>(&self, path: &P, ack: Option<std::time::Duration>) -> Result<usize, Error>
+    where
+        P: ?Sized + NixPath + std::fmt::Display,
+    {
         let (vec_key, vec_fds) = self.serialize();
-        // kingdom-edge patch: room for every key (was 2048 bytes, silently cut short).
+        // kingdom-edge patch: room for every key (was 2048 bytes, silently cut short), and
+        // a table too large for one message is an error rather than a cut-short one.
+        if vec_fds.len() > MAX_FDS {
+            error!("{} descriptors to hand over, at most {MAX_FDS} fit", vec_fds.len());
+            return Err(Error::E2BIG);
+        }
         let mut ser_buf = vec![0u8; KEYS_BUFFER];
-        let ser_key_size = serialize_vec_string(&vec_key, &mut ser_buf);
-        send_fds_to(vec_fds, &ser_buf[..ser_key_size], path, None)
+        let ser_key_size = serialize_vec_string(&vec_key, &mut ser_buf)?;
+        send_fds_to_acked(vec_fds, &ser_buf[..ser_key_size], path, None, ack)
     }
 
     pub fn get_from_sock<P>(&mut self, path: &P) -> Result<(), Error>
     where
         P: ?Sized + NixPath + std::fmt::Display,
     {
+        self.get_from_sock_acked(path).map(drop)
+    }
+
+    /// kingdom-edge patch: [`Self::get_from_sock`], keeping the connection for the
+    /// confirmation the sender waits for.
+    pub fn get_from_sock_acked<P>(&mut self, path: &P) -> Result<UpgradeAck, Error>
+    where
+        P: ?Sized + NixPath + std::fmt::Display,
+    {
         let mut de_buf = vec![0u8; KEYS_BUFFER];
-        let (fds, bytes) = get_fds_from(path, &mut de_buf, None)?;
+        let (fds, bytes, conn) = receive_fds_from(path, &mut de_buf, None)?;
         let keys = deserialize_vec_string(&de_buf[..bytes])?;
+        if keys.len() != fds.len() {
+            error!("{} keys for {} descriptors received", keys.len(), fds.len());
+            for fd in fds {
+                let _ = nix::unistd::close(fd);
+            }
+            return Err(Error::EINVAL);
+        }
         self.deserialize(keys, fds);
-        Ok(())
+        Ok(UpgradeAck(conn))
     }
 
     /// Close and remove inherited listening fds whose bind addresses are absent from `keep`.
@@ -131,15 +169,38 @@ impl Fds {
     }
 }
 
+/// kingdom-edge patch: the confirmation a new process sends the old one once it serves,
+/// on the connection the sockets came over.
+#[derive(Debug)]
+pub struct UpgradeAck(OwnedDescriptor);
+
+impl UpgradeAck {
+    /// Tells the old process this one serves: it may give its sockets up now.
+    pub fn confirm(self) -> std::io::Result<()> {
+        let mut conn = std::os::unix::net::UnixStream::from(self.0);
+        conn.set_nonblocking(false)?;
+        conn.write_all(&[1])
+    }
+}
+
 /// kingdom-edge patch: how many bytes the space-separated keys of one hand-off may take.
 const KEYS_BUFFER: usize = 16 * 1024;
 
-fn serialize_vec_string(vec_string: &[String], mut buf: &mut [u8]) -> usize {
+/// kingdom-edge patch: the most descriptors one message carries: the kernel's SCM_MAX_FD
+/// (was 32: a listener, an admin socket and the pipes of ten supervised children did not
+/// fit).
+const MAX_FDS: usize = 253;
+
+fn serialize_vec_string(vec_string: &[String], mut buf: &mut [u8]) -> Result<usize, Error> {
     // There are many ways to do this. Serde is probably the way to go
     // But let's start with something simple: space separated strings
     let joined = vec_string.join(" ");
-    // TODO: check the buf is large enough
-    buf.write(joined.as_bytes()).unwrap()
+    // kingdom-edge patch: too many keys is an error, never a message cut short.
+    if joined.len() > buf.len() {
+        error!("{} bytes of keys to hand over, at most {} fit", joined.len(), buf.len());
+        return Err(Error::E2BIG);
+    }
+    buf.write(joined.as_bytes()).map_err(|_| Error::E2BIG)
 }
 
 fn deserialize_vec_string(buf: &[u8]) -> Result<Vec<String>, Error> {
@@ -147,6 +208,8 @@ fn deserialize_vec_string(buf: &[u8]) -> Result<Vec<String>, Error> {
     Ok(joined.split_ascii_whitespace().map(String::from).collect())
 }
 
+// kingdom-edge patch: only the tests call this one now.
+#[cfg_attr(not(test), allow(dead_code))]
 #[cfg(target_os = "linux")]
 pub fn get_fds_from<P>(
     path: &P,
@@ -156,10 +219,21 @@ pub fn get_fds_from<P>(
 where
     P: ?Sized + NixPath + std::fmt::Display,
 {
+    receive_fds_from(path, payload, max_retry).map(|(fds, bytes, _conn)| (fds, bytes))
+}
+
+/// kingdom-edge patch: [`get_fds_from`], also returning the connection (for the
+/// confirmation, see [`UpgradeAck`]).
+#[cfg(target_os = "linux")]
+fn receive_fds_from<P>(
+    path: &P,
+    payload: &mut [u8],
+    max_retry: Option<usize>,
+) -> Result<(Vec<RawFd>, usize, OwnedFd), Error>
+where
+    P: ?Sized + NixPath + std::fmt::Display,
+{
     let max_retry = max_retry.unwrap_or(MAX_RETRY);
-    // kingdom-edge patch: the kernel's SCM_MAX_FD (was 32: a listener, an admin socket and
-    // the pipes of ten supervised children did not fit).
-    const MAX_FDS: usize = 253;
 
     let listen_fd = socket::socket(
         AddressFamily::Unix,
@@ -247,7 +321,7 @@ where
         nix::unistd::unlink(path).unwrap();
     }
 
-    Ok((fds, msg.bytes))
+    Ok((fds, msg.bytes, conn))
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -256,6 +330,19 @@ pub fn get_fds_from<P>(
     _payload: &mut [u8],
     _max_retry: Option<usize>,
 ) -> Result<(Vec<RawFd>, usize), Error>
+where
+    P: ?Sized + NixPath + std::fmt::Display,
+{
+    log::error!("Upgrade is not currently supported outside of Linux platforms");
+    Err(Errno::ECONNREFUSED)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn receive_fds_from<P>(
+    _path: &P,
+    _payload: &mut [u8],
+    _max_retry: Option<usize>,
+) -> Result<(Vec<RawFd>, usize, OwnedDescriptor), Error>
 where
     P: ?Sized + NixPath + std::fmt::Display,
 {
@@ -296,12 +383,31 @@ fn accept_with_retry_timeout(listen_fd: i32, max_retry: usize) -> Result<i32, Er
     }
 }
 
+// kingdom-edge patch: only the tests call this one now.
+#[cfg_attr(not(test), allow(dead_code))]
 #[cfg(target_os = "linux")]
 pub fn send_fds_to<P>(
     fds: Vec<RawFd>,
     payload: &[u8],
     path: &P,
     max_retry: Option<usize>,
+) -> Result<usize, Error>
+where
+    P: ?Sized + NixPath + std::fmt::Display,
+{
+    send_fds_to_acked(fds, payload, path, max_retry, None)
+}
+
+/// kingdom-edge patch: [`send_fds_to`], then, with `ack`, waits that long for one byte back
+/// (the receiver's [`UpgradeAck::confirm`]); end of file or the wait running out is an
+/// error.
+#[cfg(target_os = "linux")]
+fn send_fds_to_acked<P>(
+    fds: Vec<RawFd>,
+    payload: &[u8],
+    path: &P,
+    max_retry: Option<usize>,
+    ack: Option<time::Duration>,
 ) -> Result<usize, Error>
 where
     P: ?Sized + NixPath + std::fmt::Display,
@@ -398,8 +504,30 @@ where
         Err(_) => conn_result,
     };
 
-    nix::unistd::close(send_fd).unwrap();
-    result
+    match (result, ack) {
+        (Ok(sent), Some(wait)) => {
+            let conn = std::os::unix::net::UnixStream::from(send_fd);
+            let confirmed = conn
+                .set_nonblocking(false)
+                .and_then(|()| conn.set_read_timeout(Some(wait)))
+                .and_then(|()| std::io::Read::read(&mut &conn, &mut [0u8; 1]));
+            match confirmed {
+                Ok(1) => Ok(sent),
+                Ok(_) => {
+                    error!("the new process closed the upgrade connection without confirming");
+                    Err(Errno::ECONNRESET)
+                }
+                Err(e) => {
+                    error!("no confirmation from the new process within {wait:?}: {e}");
+                    Err(Errno::ETIMEDOUT)
+                }
+            }
+        }
+        (result, _) => {
+            nix::unistd::close(send_fd).unwrap();
+            result
+        }
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -413,6 +541,20 @@ where
     P: ?Sized + NixPath + std::fmt::Display,
 {
     Ok(0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_fds_to_acked<P>(
+    _fds: Vec<RawFd>,
+    _payload: &[u8],
+    _path: &P,
+    _max_retry: Option<usize>,
+    _ack: Option<std::time::Duration>,
+) -> Result<usize, Error>
+where
+    P: ?Sized + NixPath + std::fmt::Display,
+{
+    Err(Errno::ECONNREFUSED)
 }
 
 #[cfg(test)]
