@@ -116,29 +116,6 @@ async fn twenty_reloads_under_load_fail_no_request_and_the_new_weights_apply() {
     );
 }
 
-/// Opens a WebSocket tunnel through the proxy and checks one echo.
-async fn open_tunnel(proxy: SocketAddr) -> tokio::net::TcpStream {
-    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    stream
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: edge.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(common::DEADLINE, stream.read(&mut buf))
-            .await
-            .expect("the handshake answer")
-            .unwrap();
-        assert!(n > 0, "closed during the handshake");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    stream
-}
-
 async fn echo(stream: &mut tokio::net::TcpStream, message: &[u8]) {
     stream.write_all(message).await.unwrap();
     let mut back = vec![0u8; message.len()];
@@ -161,7 +138,7 @@ async fn a_websocket_tunnel_and_an_http2_connection_outlive_reloads() {
         )
     };
     let mut edge = Edge::start_ready(&yaml(ws), addr(p[0]), addr(p[1])).await;
-    let mut tunnel = open_tunnel(edge.proxy).await;
+    let mut tunnel = common::open_websocket(edge.proxy, "/ws").await;
     echo(&mut tunnel, b"before the reload").await;
 
     // One HTTP/2 connection (prior knowledge), used before and after the reloads.
@@ -182,17 +159,8 @@ async fn a_websocket_tunnel_and_an_http2_connection_outlive_reloads() {
     let elsewhere = common::websocket_echo_upstream().await;
     edge.apply(&yaml(elsewhere)).await;
     edge.signal(Signal::SIGHUP);
-    wait_for("the SIGHUP reload", || {
-        let metrics = edge.metrics();
-        async move {
-            let ok = metric(
-                &metrics.await,
-                r#"kingdom_edge_config_reloads_total{result="ok"}"#,
-            );
-            (ok >= 2.0).then_some(())
-        }
-    })
-    .await;
+    edge.wait_metric(r#"kingdom_edge_config_reloads_total{result="ok"}"#, 2.0)
+        .await;
     echo(&mut tunnel, b"after two reloads").await;
     let h2 = get(h2).await;
     drop(h2);
@@ -201,7 +169,11 @@ async fn a_websocket_tunnel_and_an_http2_connection_outlive_reloads() {
         "the HTTP/2 connection was not closed"
     );
     // A new tunnel goes to the new backend, and works too.
-    echo(&mut open_tunnel(edge.proxy).await, b"a new tunnel").await;
+    echo(
+        &mut common::open_websocket(edge.proxy, "/ws").await,
+        b"a new tunnel",
+    )
+    .await;
     assert!(
         edge.try_wait().is_none(),
         "SIGHUP reloads and never ends the process"
@@ -219,17 +191,8 @@ async fn a_broken_file_changes_nothing_and_says_why() {
     // A route to a pool that does not exist, on line 6.
     let broken = good.replace("pool: app }]", "pool: apii }]");
     edge.rewrite(&broken);
-    wait_for("the file watch to refuse the file", || {
-        let metrics = edge.metrics();
-        async move {
-            let refused = metric(
-                &metrics.await,
-                r#"kingdom_edge_config_reloads_total{result="error"}"#,
-            );
-            (refused >= 1.0).then_some(())
-        }
-    })
-    .await;
+    edge.wait_metric(r#"kingdom_edge_config_reloads_total{result="error"}"#, 1.0)
+        .await;
     let status = edge.status().await;
     assert_eq!(
         status["config"], before["config"],
@@ -313,6 +276,11 @@ async fn saving_by_rename_triggers_exactly_one_reload() {
     assert_eq!(
         status["last_reload"]["changes"]["weights_changed"][0],
         format!("app/{a}")
+    );
+    let log = edge.stderr();
+    assert!(
+        log.contains(&format!("config reloaded: weights changed 1 (app/{a})")),
+        "one line says what changed: {log}"
     );
     // Touching the file without changing it reloads nothing.
     let text = std::fs::read_to_string(edge.config_path()).unwrap();

@@ -100,25 +100,7 @@ routes: [{{ name: ws, match: {{ path_prefix: /ws }}, pool: ws }}]
     );
     let edge = Edge::start(&yaml, addr(p[0]), addr(p[1])).await;
 
-    let mut stream = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
-    stream
-        .write_all(
-            b"GET /ws/chat HTTP/1.1\r\nHost: edge.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(common::DEADLINE, stream.read(&mut buf))
-            .await
-            .expect("the handshake answer")
-            .unwrap();
-        assert!(n > 0, "connection closed during the handshake: {head:?}");
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut stream = common::open_websocket(edge.proxy, "/ws/chat").await;
 
     // Bytes flow both ways over the upgraded connection.
     stream

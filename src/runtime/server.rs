@@ -14,7 +14,6 @@ use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
-use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::Service;
 
 use super::reload::Reloader;
@@ -181,7 +180,7 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
     // What the old process waits for before it gives anything up: sent once this process
     // serves. Failing before that (here, a listener address another process holds) leaves
     // the old process serving.
-    let upgrade_ack = std::sync::Mutex::new(server.take_upgrade_ack());
+    let upgrade_ack = server.take_upgrade_ack();
     if predecessor.is_some() {
         let inherited = handoff.keys();
         for listener in &snapshot.listeners {
@@ -215,7 +214,6 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
         .into_iter()
         .filter(|key| upgrade::is_sidecar_key(key) || Some(key) == admin_key.as_ref())
         .collect();
-    server.add_service(Claim(claimed));
 
     let banner: Vec<String> = snapshot
         .listeners
@@ -260,88 +258,70 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
         server.add_service(service);
     }
 
-    server.add_service(background_service(
-        "sidecars",
-        Task::new({
-            let (supervisor, store) = (supervisor.clone(), store.clone());
-            move || {
-                // The runtime first, then the sidecars of the config in force: a reload in
-                // between either reconciles here already or is seen in `store`.
-                supervisor.run_here();
-                supervisor.reconcile(&store.load().sidecars);
-                Box::pin(std::future::pending())
-            }
-        }),
-    ));
-    server.add_service(background_service(
-        "access-log rotation",
-        Task::new({
-            let access_log = access_log.clone();
-            move || Box::pin(reopen_on_sigusr1(access_log.clone()))
-        }),
-    ));
-    server.add_service(background_service(
-        "health checks",
-        Task::new({
-            let store = store.clone();
-            move || Box::pin(health_checks::run(store.clone()))
-        }),
-    ));
-    server.add_service(background_service(
-        "reload",
-        Task::new({
-            let reloader = reloader.clone();
-            let pid_file = snapshot.server.pid_file.clone();
-            move || {
-                // The services are up: confirm to the old process (in an upgrade), then
-                // tell systemd and the pid file who serves.
-                if let Some(ack) = upgrade_ack.lock().ok().and_then(|mut a| a.take()) {
-                    match ack.confirm() {
-                        Ok(()) => tracing::info!("upgrade: this process serves; the old one drains"),
-                        Err(e) => tracing::error!("upgrade: cannot confirm to the old process: {e}"),
-                    }
+    // Everything besides the listeners runs as tasks of one service, on one runtime thread:
+    // each Pingora service would bring a runtime of its own.
+    let mut background = Background::new(claimed);
+    background.task({
+        let (supervisor, store) = (supervisor.clone(), store.clone());
+        move || {
+            // The runtime first, then the sidecars of the config in force: a reload in
+            // between either reconciles here already or is seen in `store`.
+            supervisor.run_here();
+            supervisor.reconcile(&store.load().sidecars);
+            Box::pin(std::future::ready(()))
+        }
+    });
+    background.task({
+        let access_log = access_log.clone();
+        move || Box::pin(reopen_on_sigusr1(access_log))
+    });
+    background.task({
+        let store = store.clone();
+        move || Box::pin(health_checks::run(store))
+    });
+    background.task({
+        let reloader = reloader.clone();
+        let pid_file = snapshot.server.pid_file.clone();
+        move || {
+            // The services are up: confirm to the old process (in an upgrade), then tell
+            // systemd and the pid file who serves.
+            if let Some(ack) = upgrade_ack {
+                match ack.confirm() {
+                    Ok(()) => tracing::info!("upgrade: this process serves; the old one drains"),
+                    Err(e) => tracing::error!("upgrade: cannot confirm to the old process: {e}"),
                 }
-                if let Some(pid_file) = &pid_file {
-                    if let Err(e) = upgrade::write_pid_file(pid_file) {
-                        tracing::error!(pid_file = %pid_file.display(), "cannot write the pid file: {e}");
-                    }
+            }
+            if let Some(pid_file) = &pid_file {
+                if let Err(e) = upgrade::write_pid_file(pid_file) {
+                    tracing::error!(pid_file = %pid_file.display(), "cannot write the pid file: {e}");
                 }
-                notify::ready();
-                Box::pin(watch::reload_on_triggers(reloader.clone()))
             }
-        }),
-    ));
-    server.add_service(background_service(
-        "upgrade",
-        Task::new({
-            let (path, socket) = (path.to_path_buf(), upgrade_socket.clone());
-            move || {
-                Box::pin(upgrade::upgrade_on_sigusr2(upgrade::Successor {
-                    exe: exe.clone(),
-                    config: path.clone(),
-                    socket: socket.clone(),
-                    busy: Default::default(),
-                }))
-            }
-        }),
-    ));
-    server.add_service(background_service(
-        "live-state reaper",
-        Task::new({
-            let live = live.clone();
-            move || {
-                let live = live.clone();
-                Box::pin(async move {
-                    let mut every = tokio::time::interval(REAP_EVERY);
-                    loop {
-                        every.tick().await;
-                        live.reap();
-                    }
-                })
-            }
-        }),
-    ));
-    let (handing_over, handed_over) = tokio::sync::watch::channel(false);
+            notify::ready();
+            Box::pin(watch::reload_on_triggers(reloader))
+        }
+    });
+    background.task({
+        let successor = upgrade::Successor {
+            exe,
+            config: path.to_path_buf(),
+            socket: upgrade_socket,
+            busy: Default::default(),
+        };
+        move || Box::pin(upgrade::upgrade_on_sigusr2(successor))
+    });
+    background.task({
+        let live = live.clone();
+        move || {
+            Box::pin(async move {
+                let mut every = tokio::time::interval(REAP_EVERY);
+                loop {
+                    every.tick().await;
+                    live.reap();
+                }
+            })
+        }
+    });
+    let (handing_over, mut handed_over) = tokio::sync::watch::channel(false);
     if let Some(listener) = admin_listener {
         let state = AdminState {
             store: store.clone(),
@@ -354,24 +334,15 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
             started: std::time::Instant::now(),
             rates: Default::default(),
         };
-        server.add_service(background_service(
-            "admin",
-            Task::new(move || {
-                let listener = listener.try_clone();
-                let (state, mut handed_over) = (state.clone(), handed_over.clone());
-                Box::pin(async move {
-                    // After a hand-off the socket is the successor's to serve.
-                    let stop = async move {
-                        let _ = handed_over.wait_for(|handed| *handed).await;
-                    };
-                    match listener {
-                        Ok(listener) => admin::serve(listener, state, stop).await,
-                        Err(e) => tracing::error!("admin listener: {e}"),
-                    }
-                })
-            }),
-        ));
+        background.task(move || {
+            // After a hand-off the socket is the successor's to serve.
+            let stop = async move {
+                let _ = handed_over.wait_for(|handed| *handed).await;
+            };
+            Box::pin(admin::serve(listener, state, stop))
+        });
     }
+    server.add_service(background);
 
     let signals = Signals {
         store: store.clone(),
@@ -420,34 +391,6 @@ fn ignore_until_handled(signals: &[Signal]) {
         if let Err(e) = unsafe { sigaction(*signal, &ignore) } {
             tracing::warn!("cannot ignore {signal} during start-up: {e}");
         }
-    }
-}
-
-/// Claims what the hand-off table holds besides the listeners (the admin socket, sidecar
-/// pipes), so Pingora does not close it as a stale inherited socket. Runs nothing.
-struct Claim(Vec<String>);
-
-#[async_trait]
-impl Service for Claim {
-    async fn start_service(
-        &mut self,
-        _fds: Option<ListenFds>,
-        mut shutdown: ShutdownWatch,
-        _listeners_per_fd: usize,
-    ) {
-        let _ = shutdown.changed().await;
-    }
-
-    fn name(&self) -> &str {
-        "hand-off"
-    }
-
-    fn threads(&self) -> Option<usize> {
-        Some(1)
-    }
-
-    fn listen_addresses(&self) -> Option<Vec<String>> {
-        Some(self.0.clone())
     }
 }
 
@@ -503,19 +446,58 @@ fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
 
 type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// A background task for Pingora's server: started once, runs until the process exits.
-struct Task(Box<dyn Fn() -> BoxFuture + Send + Sync>);
+/// Everything but the listeners: tasks started on the service's one runtime thread, which
+/// run until the process exits. The service also claims what the upgrade hand-off table
+/// holds besides the listeners (the admin socket, sidecar pipes), so Pingora does not close
+/// it as a stale inherited socket.
+struct Background {
+    /// Behind a lock only because a service must be `Sync`.
+    tasks: std::sync::Mutex<Vec<Box<dyn FnOnce() -> BoxFuture + Send>>>,
+    claimed: Vec<String>,
+}
 
-impl Task {
-    fn new(start: impl Fn() -> BoxFuture + Send + Sync + 'static) -> Self {
-        Self(Box::new(start))
+impl Background {
+    fn new(claimed: Vec<String>) -> Self {
+        Self {
+            tasks: Default::default(),
+            claimed,
+        }
+    }
+
+    /// Adds a task; `start` runs on the runtime and gives the future to spawn.
+    fn task(&mut self, start: impl FnOnce() -> BoxFuture + Send + 'static) {
+        if let Ok(tasks) = self.tasks.get_mut() {
+            tasks.push(Box::new(start));
+        }
     }
 }
 
 #[async_trait]
-impl BackgroundService for Task {
-    async fn start(&self, _shutdown: ShutdownWatch) {
-        (self.0)().await;
+impl Service for Background {
+    async fn start_service(
+        &mut self,
+        _fds: Option<ListenFds>,
+        _shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+    ) {
+        let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for start in tasks {
+            tokio::spawn(start());
+        }
+        // The tasks outlive the shutdown broadcast (the admin API reports the drain).
+        std::future::pending::<()>().await;
+    }
+
+    fn name(&self) -> &str {
+        "background"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(1)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        Some(self.claimed.clone())
     }
 }
 

@@ -316,6 +316,15 @@ impl Edge {
         .await
     }
 
+    /// Waits until the Prometheus series `series` reaches `at_least`.
+    pub async fn wait_metric(&self, series: &str, at_least: f64) {
+        wait_for(&format!("{series} to reach {at_least}"), || {
+            let metrics = self.metrics();
+            async move { (metric(&metrics.await, series) >= at_least).then_some(()) }
+        })
+        .await
+    }
+
     /// `POST <path>` on the admin API with an optional bearer token: status and JSON body.
     pub async fn post(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
         let mut request = client().post(format!("http://{}{path}", self.admin));
@@ -804,4 +813,28 @@ pub async fn ask_on(stream: &mut tokio::net::TcpStream, request: &str) -> String
         answer.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Opens a WebSocket tunnel through the proxy at `path`: the upgrade request, then its
+/// `101` answer.
+pub async fn open_websocket(proxy: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: edge.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("the handshake answer")
+            .unwrap();
+        assert!(n > 0, "connection closed during the handshake: {head:?}");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
 }
