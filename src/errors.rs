@@ -1,7 +1,10 @@
 //! Why the proxy answered a request itself, and how that becomes a status and a JSON body.
-//! The body carries the request id and never internal details.
+//! The body carries the request id and never internal details. A [`Refusal`] is a rejection
+//! with the headers of its own answer (`retry-after`, `allow`, `www-authenticate`, the
+//! RateLimit fields).
 
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use pingora::{Error, ErrorSource, ErrorType};
 
 /// A request the proxy answers on its own instead of forwarding (or after forwarding failed).
@@ -28,9 +31,26 @@ pub enum Rejection {
     /// No route matches host, path and method.
     #[error("no route matches this request")]
     NoRoute,
-    /// A method the proxy refuses outright (`CONNECT`).
+    /// A method the proxy refuses outright (`CONNECT`), or one the route does not accept
+    /// (answered with `allow`).
     #[error("this method is not allowed")]
     MethodNotAllowed,
+    /// The route needs a valid bearer token, and the request has none or a bad one.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// A CORS preflight from an origin (or for a method or headers) the route does not
+    /// allow.
+    #[error("this cross-origin request is not allowed")]
+    CorsPreflightDenied,
+    /// The request body's media type is not one the route accepts.
+    #[error("this content type is not accepted here")]
+    UnsupportedMediaType,
+    /// A rate limit of the route is exhausted for this client.
+    #[error("too many requests, retry later")]
+    RateLimited,
+    /// The proxy is overloaded and sheds requests of this priority.
+    #[error("the service is overloaded, retry shortly")]
+    Overloaded,
     /// The body is larger than the route's `max_body`.
     #[error("the request body is larger than this route accepts")]
     BodyTooLarge,
@@ -62,8 +82,12 @@ impl Rejection {
     pub fn status(self) -> u16 {
         match self {
             Rejection::BadRequest(_) => 400,
+            Rejection::Unauthorized(_) => 401,
+            Rejection::CorsPreflightDenied => 403,
             Rejection::NoRoute => 404,
             Rejection::MethodNotAllowed => 405,
+            Rejection::UnsupportedMediaType => 415,
+            Rejection::RateLimited => 429,
             Rejection::BodyTooLarge => 413,
             Rejection::RequestTimeout => 408,
             Rejection::UriTooLong => 414,
@@ -73,7 +97,8 @@ impl Rejection {
             Rejection::NoBackend | Rejection::UpstreamFailed => 502,
             Rejection::PoolSaturated
             | Rejection::NoHealthyBackend
-            | Rejection::StickyBackendUnavailable => 503,
+            | Rejection::StickyBackendUnavailable
+            | Rejection::Overloaded => 503,
             Rejection::UpstreamTimeout => 504,
             Rejection::Internal => 500,
         }
@@ -83,8 +108,13 @@ impl Rejection {
     pub fn code(self) -> &'static str {
         match self {
             Rejection::BadRequest(_) => "bad_request",
+            Rejection::Unauthorized(_) => "unauthorized",
+            Rejection::CorsPreflightDenied => "cors_preflight_denied",
             Rejection::NoRoute => "no_route",
             Rejection::MethodNotAllowed => "method_not_allowed",
+            Rejection::UnsupportedMediaType => "unsupported_media_type",
+            Rejection::RateLimited => "rate_limited",
+            Rejection::Overloaded => "overloaded",
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::RequestTimeout => "request_timeout",
             Rejection::UriTooLong => "uri_too_long",
@@ -101,6 +131,41 @@ impl Rejection {
         }
     }
 
+    /// A dense index, for per-reason counters ([`Self::COUNT`] of them).
+    pub fn index(self) -> usize {
+        match self {
+            Rejection::BadRequest(_) => 0,
+            Rejection::UriTooLong => 1,
+            Rejection::HeadersTooLarge(_) => 2,
+            Rejection::UnsupportedTransferCoding => 3,
+            Rejection::RequestTimeout => 4,
+            Rejection::ExpectationFailed => 5,
+            Rejection::NoRoute => 6,
+            Rejection::MethodNotAllowed => 7,
+            Rejection::Unauthorized(_) => 8,
+            Rejection::CorsPreflightDenied => 9,
+            Rejection::UnsupportedMediaType => 10,
+            Rejection::RateLimited => 11,
+            Rejection::Overloaded => 12,
+            Rejection::BodyTooLarge => 13,
+            Rejection::NoBackend => 14,
+            Rejection::PoolSaturated => 15,
+            Rejection::NoHealthyBackend => 16,
+            Rejection::StickyBackendUnavailable => 17,
+            Rejection::UpstreamFailed => 18,
+            Rejection::UpstreamTimeout => 19,
+            Rejection::Internal => 20,
+        }
+    }
+
+    /// How many [`Self::index`] values there are.
+    pub const COUNT: usize = 21;
+}
+
+// Every reason has its counter slot.
+const _: () = assert!(Rejection::COUNT <= crate::metrics::REASONS);
+
+impl Rejection {
     /// `{"error":"no_route","message":"…","request_id":"…"}`.
     pub fn body(self, request_id: &str) -> Bytes {
         let body = serde_json::json!({
@@ -152,6 +217,37 @@ pub fn client_gone(e: &Error) -> bool {
         )
 }
 
+/// A rejection and the headers of its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why.
+    pub rejection: Rejection,
+    /// Sent with the JSON error, besides the usual ones.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Refusal {
+    /// Adds a header to the answer.
+    pub fn with(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// Adds `retry-after: <seconds>` (at least 1).
+    pub fn retry_after(self, seconds: u64) -> Self {
+        self.with(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)))
+    }
+}
+
+impl From<Rejection> for Refusal {
+    fn from(rejection: Rejection) -> Self {
+        Self {
+            rejection,
+            headers: Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +289,40 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"], "no_route");
         assert_eq!(json["request_id"], "abc");
+    }
+
+    #[test]
+    fn every_reason_has_its_own_index_and_code() {
+        let all = [
+            Rejection::BadRequest("x"),
+            Rejection::UriTooLong,
+            Rejection::HeadersTooLarge("x"),
+            Rejection::UnsupportedTransferCoding,
+            Rejection::RequestTimeout,
+            Rejection::ExpectationFailed,
+            Rejection::NoRoute,
+            Rejection::MethodNotAllowed,
+            Rejection::Unauthorized("x"),
+            Rejection::CorsPreflightDenied,
+            Rejection::UnsupportedMediaType,
+            Rejection::RateLimited,
+            Rejection::Overloaded,
+            Rejection::BodyTooLarge,
+            Rejection::NoBackend,
+            Rejection::PoolSaturated,
+            Rejection::NoHealthyBackend,
+            Rejection::StickyBackendUnavailable,
+            Rejection::UpstreamFailed,
+            Rejection::UpstreamTimeout,
+            Rejection::Internal,
+        ];
+        assert_eq!(all.len(), Rejection::COUNT);
+        let mut indexes: Vec<usize> = all.iter().map(|r| r.index()).collect();
+        indexes.sort();
+        assert_eq!(indexes, (0..Rejection::COUNT).collect::<Vec<_>>());
+        let mut codes: Vec<&str> = all.iter().map(|r| r.code()).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), Rejection::COUNT);
     }
 }

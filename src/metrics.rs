@@ -28,6 +28,7 @@ pub struct Metrics {
     pool_rejected: IntCounterVec,
     sticky_invalid: IntCounterVec,
     truncated: IntCounterVec,
+    rejected: IntCounterVec,
     /// Client connections closed because the client ran out of time.
     pub client_timeouts: ClientTimeouts,
     /// Client connections open now, over all listeners (exported; the exact count is
@@ -161,6 +162,11 @@ impl Metrics {
             "Responses aborted after they had started, because the upstream failed mid-response.",
             &["route"],
         );
+        let rejected = counter(
+            "kingdom_edge_rejected_total",
+            "Requests the proxy answered itself instead of forwarding them, or after forwarding failed, by route and reason.",
+            &["route", "reason"],
+        );
         let client_timeouts_vec = counter(
             "kingdom_edge_client_timeouts_total",
             "Client connections closed for taking too long: tls_handshake, keepalive (idle between requests), header, body (408), h2_idle.",
@@ -224,6 +230,7 @@ impl Metrics {
             Box::new(pool_rejected.clone()),
             Box::new(sticky_invalid.clone()),
             Box::new(truncated.clone()),
+            Box::new(rejected.clone()),
         ] {
             registry
                 .register(collector)
@@ -243,6 +250,7 @@ impl Metrics {
             pool_rejected,
             sticky_invalid,
             truncated,
+            rejected,
             client_timeouts,
             client_connections,
             open_connections: std::sync::atomic::AtomicUsize::new(0),
@@ -274,8 +282,10 @@ impl Metrics {
     pub fn route(&self, route: &str) -> RouteMetrics {
         RouteMetrics {
             family: self.requests.clone(),
+            rejected_family: self.rejected.clone(),
             route: route.to_string(),
             codes: (0..CODES).map(|_| OnceLock::new()).collect(),
+            reasons: (0..REASONS).map(|_| OnceLock::new()).collect(),
             duration: self.duration.with_label_values(&[route]),
             truncated: self.truncated.with_label_values(&[route]),
             retired: Default::default(),
@@ -331,6 +341,9 @@ impl Metrics {
                 let _ = self.requests.remove_label_values(&[name, &code]);
             }
         }
+        for (_, reason) in route.reasons.iter().filter_map(OnceLock::get) {
+            let _ = self.rejected.remove_label_values(&[name, reason]);
+        }
         let _ = self.duration.remove_label_values(&[name]);
         let _ = self.truncated.remove_label_values(&[name]);
     }
@@ -365,6 +378,10 @@ impl Default for Metrics {
 /// Status codes 100..=599 get a lazily created counter each.
 const CODES: usize = 500;
 
+/// Room for every rejection reason (`errors::Rejection::index`), each a lazily created
+/// counter of `kingdom_edge_rejected_total{route,reason}`.
+pub const REASONS: usize = 32;
+
 /// An unregistered counter, for handles of a snapshot that was never activated.
 fn detached_counter() -> IntCounter {
     IntCounter::new("kingdom_edge_detached", "not exported").expect("static metric definition")
@@ -378,8 +395,11 @@ fn detached_gauge() -> IntGauge {
 /// Per-route handles: a counter per status code, created on first use, and the latency histogram.
 pub struct RouteMetrics {
     family: IntCounterVec,
+    rejected_family: IntCounterVec,
     route: String,
     codes: Box<[OnceLock<IntCounter>]>,
+    /// By rejection index: the counter and its reason label.
+    reasons: Box<[OnceLock<(IntCounter, &'static str)>]>,
     duration: prometheus::Histogram,
     /// `kingdom_edge_responses_truncated_total{route}`.
     pub truncated: IntCounter,
@@ -390,15 +410,19 @@ pub struct RouteMetrics {
 impl RouteMetrics {
     /// Handles no registry holds, for a route of a snapshot that was never activated.
     pub fn detached(route: &str) -> Self {
-        let family = IntCounterVec::new(
-            Opts::new("kingdom_edge_detached", "not exported"),
-            &["route", "code"],
-        )
-        .expect("static metric definition");
+        let family = || {
+            IntCounterVec::new(
+                Opts::new("kingdom_edge_detached", "not exported"),
+                &["route", "code"],
+            )
+            .expect("static metric definition")
+        };
         Self {
-            family,
+            family: family(),
+            rejected_family: family(),
             route: route.to_string(),
             codes: (0..CODES).map(|_| OnceLock::new()).collect(),
+            reasons: (0..REASONS).map(|_| OnceLock::new()).collect(),
             duration: prometheus::Histogram::with_opts(HistogramOpts::new(
                 "kingdom_edge_detached",
                 "not exported",
@@ -417,6 +441,27 @@ impl RouteMetrics {
     /// Requests answered so far (every status), for request rates.
     pub fn total(&self) -> u64 {
         self.duration.get_sample_count()
+    }
+
+    /// Counts one request the proxy answered itself, for the reason with `index` and label
+    /// `code`.
+    pub fn count_rejection(&self, index: usize, code: &'static str) {
+        let Some(slot) = self.reasons.get(index) else {
+            return;
+        };
+        if self.is_retired() {
+            if let Some((counter, _)) = slot.get() {
+                counter.inc();
+            }
+            return;
+        }
+        let (counter, _) = slot.get_or_init(|| {
+            let counter = self
+                .rejected_family
+                .with_label_values(&[self.route.as_str(), code]);
+            (counter, code)
+        });
+        counter.inc();
     }
 
     /// Counts one answered request and its duration.

@@ -131,6 +131,14 @@ async fn unknown_paths_get_a_json_404_with_the_request_id() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "no_route");
     assert_eq!(body["request_id"], "trace-123");
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            r#"kingdom_edge_rejected_total{reason="no_route",route="-"}"#
+        ),
+        1.0
+    );
 
     // The connection stays usable: two 404s, then a routed request, on one connection.
     let mut stream = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
@@ -425,4 +433,14 @@ routes: [{{ name: app, match: {{ path_prefix: / }}, pool: app }}]
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Every refusal counts, those before any route is known too.
+    let metrics = edge.metrics().await;
+    assert!(
+        common::metric(
+            &metrics,
+            r#"kingdom_edge_rejected_total{reason="bad_request",route="-"}"#
+        ) >= 1.0,
+        "{metrics}"
+    );
 }

@@ -40,7 +40,7 @@ use prometheus::IntGauge;
 
 use crate::access_log::{self, AccessLog, Entry};
 use crate::balance::BackendId;
-use crate::errors::{self, Rejection};
+use crate::errors::{self, Refusal, Rejection};
 use crate::forwarded::{self, Forwarded, Incoming};
 use crate::live::{InFlight as BackendInFlight, PoolRequest};
 use crate::metrics::{Metrics, Outcome};
@@ -95,7 +95,10 @@ pub struct RequestCtx {
     /// The matched route, in `snapshot`.
     route: Option<RouteId>,
     body_bytes: u64,
+    /// Why the proxy answers itself, once it does.
     rejection: Option<Rejection>,
+    /// The headers of that answer besides the usual ones (`retry-after`, `allow`, …).
+    refusal_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Held while the request is in its pool: `max_in_flight` and the retry budget.
     pool_request: Option<PoolRequest>,
     /// The backend a valid sticky cookie names.
@@ -272,6 +275,7 @@ impl ProxyHttp for EdgeProxy {
             route: None,
             body_bytes: 0,
             rejection: None,
+            refusal_headers: Vec::new(),
             pool_request: None,
             pin: None,
             pin_expires: None,
@@ -724,7 +728,11 @@ impl ProxyHttp for EdgeProxy {
         };
         let request_id = request_id::choose(None);
         let body = rejection.body(&request_id);
-        let header = error_header(rejection, &request_id, body.len()).ok()?;
+        let header = error_header(rejection, &[], &request_id, body.len()).ok()?;
+        self.store
+            .load()
+            .unrouted
+            .count_rejection(rejection.index(), rejection.code());
         Some((header, body))
     }
 
@@ -762,6 +770,9 @@ impl ProxyHttp for EdgeProxy {
         let elapsed = ctx.started.elapsed();
         let route_metrics = ctx.route().map_or(&ctx.snapshot.unrouted, |r| &r.metrics);
         route_metrics.observe(status, elapsed.as_secs_f64());
+        if let Some(rejection) = ctx.rejection {
+            route_metrics.count_rejection(rejection.index(), rejection.code());
+        }
         if ctx.cut == Some(Cut::UpstreamTruncated) {
             route_metrics.truncated.inc();
         }
@@ -883,30 +894,45 @@ fn reject<T>(ctx: &mut RequestCtx, rejection: Rejection) -> Result<T> {
     Error::e_explain(ErrorType::HTTPStatus(rejection.status()), rejection.code())
 }
 
-/// Answers the request with `rejection` and ends the pipeline.
-async fn answer(session: &mut Session, ctx: &mut RequestCtx, rejection: Rejection) -> Result<bool> {
-    ctx.rejection = Some(rejection);
-    respond(session, ctx, rejection).await?;
+/// Answers the request with `refusal` and ends the pipeline.
+async fn answer(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    refusal: impl Into<Refusal>,
+) -> Result<bool> {
+    let refusal = refusal.into();
+    ctx.rejection = Some(refusal.rejection);
+    ctx.refusal_headers = refusal.headers;
+    respond(session, ctx, refusal.rejection).await?;
     Ok(true)
 }
 
-/// The response header of the JSON error for `rejection`, whose body is `length` bytes.
-fn error_header(rejection: Rejection, request_id: &str, length: usize) -> Result<ResponseHeader> {
-    let mut header = ResponseHeader::build(rejection.status(), Some(5))?;
+/// The response header of the JSON error for `rejection`, whose body is `length` bytes, with
+/// `extra` headers. A 503 says `retry-after: 1` unless `extra` says otherwise.
+fn error_header(
+    rejection: Rejection,
+    extra: &[(http::HeaderName, http::HeaderValue)],
+    request_id: &str,
+    length: usize,
+) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(rejection.status(), Some(5 + extra.len()))?;
     header.insert_header(header::CONTENT_TYPE, "application/json")?;
     header.insert_header(header::CONTENT_LENGTH, length.to_string())?;
     header.insert_header(header::CACHE_CONTROL, "no-store")?;
     header.insert_header("x-request-id", request_id)?;
-    if rejection.status() == 503 {
+    for (name, value) in extra {
+        header.append_header(name.clone(), value.clone())?;
+    }
+    if rejection.status() == 503 && !extra.iter().any(|(n, _)| n == header::RETRY_AFTER) {
         header.insert_header(header::RETRY_AFTER, "1")?;
     }
     Ok(header)
 }
 
-/// Writes the JSON error for `rejection`.
+/// Writes the JSON error for `rejection`, with the refusal's headers.
 async fn respond(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) -> Result<()> {
     let body = rejection.body(&ctx.request_id);
-    let header = error_header(rejection, &ctx.request_id, body.len())?;
+    let header = error_header(rejection, &ctx.refusal_headers, &ctx.request_id, body.len())?;
     // The connection stays open only when nothing of the request is left unread and the
     // request was well-formed.
     let clean = session.is_body_empty()
