@@ -4,10 +4,10 @@
 //!
 //! - `config`: the YAML mirror, units, YAML paths and lines, the error type.
 //! - `metrics`: metric families and handles.
-//! - `sidecar`: the content and API services, and how the proxy launches them.
 //! - policies, each compiling its own section, with a pure decision at its heart:
 //!   `balance`, `slow_start`, `health`, `outlier`, `retry`, `sticky`, `request`,
-//!   `forwarded`, `request_id`, `errors`, `access_log`, `tls`.
+//!   `forwarded`, `request_id`, `errors`, `access_log`, `tls`, `token`.
+//! - `sidecar`: the content and API services, and how the proxy launches them.
 //! - `live`: state that outlives config snapshots.
 //! - `upstream`: pools, the choice of a backend, the outcome of an attempt.
 //! - `route`: routing.
@@ -19,8 +19,6 @@
 pub mod config;
 
 pub mod metrics;
-
-pub mod sidecar;
 
 pub mod access_log;
 pub mod balance;
@@ -34,6 +32,9 @@ pub mod retry;
 pub mod slow_start;
 pub mod sticky;
 pub mod tls;
+pub mod token;
+
+pub mod sidecar;
 
 pub mod live;
 

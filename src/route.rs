@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::raw::RawRoute;
+use crate::config::raw::{RawAuth, RawRoute};
 use crate::config::Errors;
 use crate::metrics::RouteMetrics;
 use crate::request::path::EscapedSlashes;
 use crate::request::HeadLimits;
+use crate::token::Auth;
 use crate::upstream::Pool;
 
 /// Index of a route in its snapshot's [`Router::routes`].
@@ -39,6 +40,8 @@ pub struct Route {
     pub escaped_slashes: EscapedSlashes,
     /// Request head limits (the server's unless the route sets its own).
     pub limits: HeadLimits,
+    /// Bearer-token verification, if the route asks for it.
+    pub auth: Option<Auth>,
     /// A digest of the route's settings, to tell a reload that changed it.
     pub fingerprint: u64,
     /// Request counters for this route (detached until the snapshot is activated).
@@ -251,6 +254,10 @@ pub fn compile(
         routes.push((
             i,
             Route {
+                auth: route.auth.map(|auth| match auth {
+                    RawAuth::Required => Auth::Required,
+                    RawAuth::Optional => Auth::Optional,
+                }),
                 name: route.name.clone(),
                 host,
                 path_prefix,

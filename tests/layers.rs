@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["config"],
     &["metrics"],
-    &["sidecar"],
     &[
         "balance",
         "slow_start",
@@ -23,7 +22,9 @@ const LAYERS: &[&[&str]] = &[
         "errors",
         "access_log",
         "tls",
+        "token",
     ],
+    &["sidecar"],
     &["live"],
     &["upstream"],
     &["route"],

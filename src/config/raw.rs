@@ -22,6 +22,30 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub access_log: RawAccessLog,
+    /// How the edge verifies bearer tokens (for routes with `auth`). Default: none.
+    pub tokens: Option<RawTokens>,
+}
+
+/// `tokens:`: the secret kingdom-api signs its tokens with, to verify them at the edge.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokens {
+    /// Environment variable holding the secret.
+    pub secret_env: Option<String>,
+    /// The secret itself (for local configs; prefer `secret_env`).
+    pub secret: Option<String>,
+    /// Clock difference allowed with the issuer. Default: 30s.
+    pub clock_skew: Option<Dur>,
+}
+
+/// `routes[].auth:`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawAuth {
+    /// A valid bearer token is needed (401 without).
+    Required,
+    /// A token is verified when present (401 if it is bad); none is fine.
+    Optional,
 }
 
 /// `server:` process-wide settings.
@@ -352,6 +376,8 @@ pub struct RawRoute {
     pub escaped_slashes: Option<String>,
     /// Request head limits for this route. Default: `server.request_limits`.
     pub request_limits: Option<RawRequestLimits>,
+    /// Verify bearer tokens: `required` or `optional`. Default: no verification.
+    pub auth: Option<RawAuth>,
 }
 
 /// `routes[].match:`.

@@ -6,12 +6,13 @@
 //! | `new_ctx`                  | take the config snapshot, count the request in flight       |
 //! | `early_request_filter`     | request id; target, path, host, framing, limits (`request`);|
 //! |                            | pipelining on; client address                               |
-//! | `request_filter`           | `OPTIONS *`; route (or 404) and its limits, body limit,     |
-//! |                            | `100 Continue`, pool admission, sticky cookie               |
+//! | `request_filter`           | `OPTIONS *`; route (or 404) and its limits, body limit;     |
+//! |                            | admission (`admit`: validate, authenticate, rate-limit,     |
+//! |                            | slow down, shed); `100 Continue`, pool admission, sticky    |
 //! | `request_body_filter`      | count body bytes against the route's `max_body` (413)       |
 //! | `upstream_peer`            | backoff before a retry; pick a backend (pin, balancer,      |
 //! |                            | panic mode) admitted by its breaker; set timeouts           |
-//! | `upstream_request_filter`  | `X-Forwarded-*`, `x-request-id`                             |
+//! | `upstream_request_filter`  | `X-Forwarded-*`, `x-request-id`, `x-user-id`                |
 //! | `fail_to_connect`          | record the failure; retry (any method) if the budget allows |
 //! | `upstream_response_filter` | record the outcome; retry an idempotent 502/503/504         |
 //! | `error_while_proxy`        | record a reset or timeout; retry only replayable requests   |
@@ -21,6 +22,8 @@
 //!
 //! Hop-by-hop request headers are stripped by Pingora's standard upstream request policy,
 //! which also forwards WebSocket upgrades.
+
+mod admit;
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,6 +104,8 @@ pub struct RequestCtx {
     refusal_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Held while the request is in its pool: `max_in_flight` and the retry budget.
     pool_request: Option<PoolRequest>,
+    /// The subject of the request's verified bearer token.
+    user: Option<String>,
     /// The backend a valid sticky cookie names.
     pin: Option<BackendId>,
     /// When the request's valid sticky cookie expires (Unix seconds).
@@ -277,6 +282,7 @@ impl ProxyHttp for EdgeProxy {
             rejection: None,
             refusal_headers: Vec::new(),
             pool_request: None,
+            user: None,
             pin: None,
             pin_expires: None,
             tried: Vec::new(),
@@ -307,6 +313,8 @@ impl ProxyHttp for EdgeProxy {
         session.set_pipelining_enabled(true);
         // A request body may pause for at most this long between reads (408 past it).
         session.set_read_timeout(Some(ctx.snapshot.server.client_timeouts.body));
+        // Only a verified token says who the user is (see `upstream_request_filter`).
+        session.req_header_mut().remove_header("x-user-id");
         let req = session.req_header();
         ctx.request_id = request_id::choose(req.headers.get("x-request-id").map(|v| v.as_bytes()));
         let default_host = || {
@@ -372,6 +380,10 @@ impl ProxyHttp for EdgeProxy {
         }
         if too_large {
             return answer(session, ctx, Rejection::BodyTooLarge).await;
+        }
+        match admit::admit(&snapshot, route, session.req_header(), unix_now()) {
+            Ok(admitted) => ctx.user = admitted.user,
+            Err(refusal) => return answer(session, ctx, refusal).await,
         }
         let Some(request) = pool.state.start(pool.max_in_flight) else {
             pool.state.metrics.rejected_max_in_flight.inc();
@@ -481,6 +493,9 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         upstream.insert_header("x-request-id", &ctx.request_id)?;
+        if let Some(user) = &ctx.user {
+            upstream.insert_header("x-user-id", user)?;
+        }
         Ok(())
     }
 

@@ -10,16 +10,12 @@ use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-use ring::hmac;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, JsonBody};
-
-/// Shortest secret accepted, in bytes.
-pub const MIN_SECRET: usize = 16;
+use crate::token::TokenKey;
+pub use crate::token::{Claims, MIN_SECRET};
 /// Default and bounds of a token's lifetime, in seconds.
 pub const DEFAULT_TTL: u64 = 3600;
 const TTL_RANGE: std::ops::RangeInclusive<u64> = 60..=86_400;
@@ -28,49 +24,27 @@ pub const MAX_EVENTS: usize = 100;
 /// Most days in one analytics summary.
 pub const MAX_DAYS: u32 = 365;
 
-/// Signs and verifies tokens.
+/// Signs and verifies tokens (the format is `crate::token`'s, shared with the edge).
 pub struct ApiService {
-    key: hmac::Key,
-}
-
-/// What a token asserts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    /// The user id.
-    pub sub: String,
-    /// Issued at, Unix seconds.
-    pub iat: u64,
-    /// Expires at, Unix seconds.
-    pub exp: u64,
+    key: TokenKey,
 }
 
 impl ApiService {
     /// A service signing with `secret` (at least [`MIN_SECRET`] bytes).
     pub fn new(secret: &[u8]) -> Result<Arc<Self>, String> {
-        if secret.len() < MIN_SECRET {
-            return Err(format!(
-                "the token secret must be at least {MIN_SECRET} bytes"
-            ));
-        }
         Ok(Arc::new(Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            key: TokenKey::new(secret)?,
         }))
     }
 
-    /// `base64url(claims JSON) . base64url(HMAC-SHA256 of the first part)`.
+    /// The token for `claims`.
     pub fn sign(&self, claims: &Claims) -> String {
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
-        let tag = hmac::sign(&self.key, payload.as_bytes());
-        format!("{payload}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+        self.key.sign(claims)
     }
 
     /// The claims of a well-signed token that has not expired at `now`.
     pub fn verify(&self, token: &str, now: u64) -> Option<Claims> {
-        let (payload, tag) = token.split_once('.')?;
-        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
-        hmac::verify(&self.key, payload.as_bytes(), &tag).ok()?;
-        let claims: Claims = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
-        (claims.exp > now).then_some(claims)
+        self.key.verify(token, now, 0).ok()
     }
 }
 

@@ -19,6 +19,7 @@ use crate::request::{ClientTimeouts, HeadLimits, Hygiene};
 use crate::route;
 use crate::sidecar::launch::Sidecar;
 use crate::tls::{CertificateFiles, TlsSettings};
+use crate::token;
 use crate::upstream::pool::{self, Pool};
 
 /// Compiles config text into a snapshot, or every error in the file with its YAML path and
@@ -172,6 +173,19 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
         .map_or_else(Default::default, |s| s.hygiene.limits);
     let router = route::compile(&raw.routes, &pools, &declared, limits, errors);
 
+    let tokens = raw
+        .tokens
+        .as_ref()
+        .and_then(|t| token::compile(t, "tokens", env, errors));
+    for (i, route) in raw.routes.iter().enumerate() {
+        if route.auth.is_some() && raw.tokens.is_none() {
+            errors.push(
+                format!("routes[{i}].auth"),
+                "needs `tokens:` (the secret kingdom-api signs its tokens with)",
+            );
+        }
+    }
+
     let access_log = match raw.access_log.output.as_deref() {
         None | Some("stdout") => AccessLogOutput::Stdout,
         Some("off") => AccessLogOutput::Off,
@@ -202,6 +216,7 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
         pools,
         router,
         access_log,
+        tokens,
         unrouted: Arc::new(RouteMetrics::detached(NO_ROUTE)),
     })
 }

@@ -24,6 +24,7 @@ use crate::request::{ClientTimeouts, Hygiene};
 use crate::route::{PoolId, Route, RouteId, Router};
 use crate::sidecar::launch::Sidecar;
 use crate::tls::TlsSettings;
+use crate::token::TokenVerifier;
 use crate::upstream::Pool;
 
 /// Everything a request or the runtime needs from the config.
@@ -46,6 +47,8 @@ pub struct Snapshot {
     pub router: Router,
     /// Where access-log lines go.
     pub access_log: AccessLogOutput,
+    /// How bearer tokens are verified (`tokens:`), for routes with `auth`.
+    pub tokens: Option<TokenVerifier>,
     /// Counters for requests that matched no route.
     pub unrouted: Arc<RouteMetrics>,
 }

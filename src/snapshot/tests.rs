@@ -81,7 +81,7 @@ fn broken_files_give_exact_errors() {
                 "line 1: listeners[0]: unknown field `colour`, expected one of `name`, `address`, `tls`, `default_host`, `h2c`",
                 "line 4: pools.api.backends[0].weight: invalid type: string \"heavy\", expected u32",
                 "line 7: pools.web.timeouts.connect: `soon` is not a duration (e.g. 250ms, 2s, 15m, 1h)",
-                "line 9: routes[0]: unknown field `extra`, expected one of `name`, `match`, `pool`, `max_body`, `escaped_slashes`, `request_limits`",
+                "line 9: routes[0]: unknown field `extra`, expected one of `name`, `match`, `pool`, `max_body`, `escaped_slashes`, `request_limits`, `auth`",
             ],
         ),
         (
@@ -257,5 +257,21 @@ fn an_upgrade_can_hand_over_every_sidecar() {
     assert_eq!(
         errors(&with(85)),
         ["line 7: sidecars: 85 processes are too many to hand over in an upgrade (3 descriptors each, with the listeners at most 253)"]
+    );
+}
+
+#[test]
+fn a_route_that_checks_tokens_needs_the_token_secret() {
+    let with_auth = MINIMAL.replace("pool: api }", "pool: api, auth: required }");
+    assert_eq!(
+        errors(&with_auth),
+        ["line 6: routes[0].auth: needs `tokens:` (the secret kingdom-api signs its tokens with)"]
+    );
+    let with_tokens = format!("{with_auth}tokens: {{ secret_env: KINGDOM_API_SECRET }}\n");
+    assert_eq!(errors(&with_tokens), Vec::<String>::new());
+    let short = format!("{with_auth}tokens: {{ secret: short }}\n");
+    assert_eq!(
+        errors(&short),
+        ["line 7: tokens.secret: the token secret must be at least 16 bytes"]
     );
 }
