@@ -6,7 +6,7 @@
 //! - `metrics`: metric families and handles.
 //! - policies, each compiling its own section, with a pure decision at its heart:
 //!   `balance`, `slow_start`, `health`, `outlier`, `retry`, `sticky`, `request`,
-//!   `forwarded`, `request_id`, `errors`, `access_log`, `tls`, `token`.
+//!   `forwarded`, `request_id`, `errors`, `access_log`, `tls`, `token`, `ratelimit`.
 //! - `sidecar`: the content and API services, and how the proxy launches them.
 //! - `live`: state that outlives config snapshots.
 //! - `upstream`: pools, the choice of a backend, the outcome of an attempt.
@@ -26,6 +26,7 @@ pub mod errors;
 pub mod forwarded;
 pub mod health;
 pub mod outlier;
+pub mod ratelimit;
 pub mod request;
 pub mod request_id;
 pub mod retry;

@@ -17,6 +17,8 @@ use std::time::Instant;
 use crate::health::Health;
 use crate::metrics::{BackendMetrics, Metrics, PoolMetrics, RouteMetrics};
 use crate::outlier::Breaker;
+use crate::ratelimit::slowdown::Counts;
+use crate::ratelimit::Buckets;
 use crate::retry::{RetryBudget, RetryPolicy};
 
 /// Every backend's, pool's and route's live state, with the metric families they count in.
@@ -25,6 +27,11 @@ pub struct LiveState {
     backends: Mutex<HashMap<BackendKey, Arc<BackendState>>>,
     pools: Mutex<HashMap<String, Arc<PoolState>>>,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    /// Rate-limit buckets, by policy name and definition: a reload that keeps a policy as
+    /// it was keeps its buckets; one that changes it starts new ones.
+    buckets: Mutex<HashMap<(String, u64), Arc<Buckets>>>,
+    /// Slow-down counts, likewise.
+    counts: Mutex<HashMap<(String, u64), Arc<Counts>>>,
     /// What the snapshot in force holds; `None` until one is published.
     in_force: Mutex<Option<InForce>>,
 }
@@ -80,6 +87,8 @@ pub struct Reaped {
     pub pools: usize,
     /// Routes likewise.
     pub routes: usize,
+    /// Rate-limit and slow-down tables dropped.
+    pub policies: usize,
 }
 
 impl PoolState {
@@ -150,6 +159,8 @@ impl LiveState {
             backends: Mutex::default(),
             pools: Mutex::default(),
             routes: Mutex::default(),
+            buckets: Mutex::default(),
+            counts: Mutex::default(),
             in_force: Mutex::default(),
         }
     }
@@ -201,6 +212,38 @@ impl LiveState {
         metrics.clone()
     }
 
+    /// The buckets of rate limit `policy` as defined now (`fingerprint`), for at most
+    /// `max_keys` keys; created on first use.
+    pub fn buckets(&self, policy: &str, fingerprint: u64, max_keys: usize) -> Arc<Buckets> {
+        lock(&self.buckets)
+            .entry((policy.to_string(), fingerprint))
+            .or_insert_with(|| {
+                Arc::new(Buckets::new(max_keys, self.metrics.rate_limit_keys(policy)))
+            })
+            .clone()
+    }
+
+    /// The counts of slow-down `policy` as defined now; created on first use.
+    pub fn counts(&self, policy: &str, fingerprint: u64, max_keys: usize) -> Arc<Counts> {
+        lock(&self.counts)
+            .entry((policy.to_string(), fingerprint))
+            .or_insert_with(|| Arc::new(Counts::new(max_keys, self.metrics.slowed_down(policy))))
+            .clone()
+    }
+
+    /// Drops the rate-limit buckets and slow-down windows that are as good as unused at
+    /// `now` (nanoseconds, `ratelimit::nanos`), and updates the key counts.
+    pub fn sweep(&self, now: u64) {
+        let buckets: Vec<Arc<Buckets>> = lock(&self.buckets).values().cloned().collect();
+        for table in buckets {
+            crate::ratelimit::BucketStore::sweep(&*table, now);
+        }
+        let counts: Vec<Arc<Counts>> = lock(&self.counts).values().cloned().collect();
+        for table in counts {
+            table.sweep(now);
+        }
+    }
+
     /// Records what the snapshot just published holds; the rest is retired by
     /// [`Self::reap`].
     pub fn set_in_force(&self, in_force: InForce) {
@@ -233,6 +276,8 @@ impl LiveState {
             }),
             // A route has nothing in flight to wait for: counts a request on an older
             // snapshot makes after this go nowhere.
+            policies: reap_policies(&self.buckets, &self.metrics, false)
+                + reap_policies(&self.counts, &self.metrics, true),
             routes: reap(&self.routes, |name, route, held| {
                 let out = gone(in_force.as_ref().is_some_and(|f| f.routes.contains(name)));
                 let due = (out || !held) && !route.is_retired();
@@ -259,6 +304,28 @@ fn reap<K, V>(
         held
     });
     retired
+}
+
+/// Drops the policy tables no snapshot holds; a policy's series go with its last table.
+fn reap_policies<V>(
+    map: &Mutex<HashMap<(String, u64), Arc<V>>>,
+    metrics: &Metrics,
+    slow_down: bool,
+) -> usize {
+    let mut map = lock(map);
+    let before = map.len();
+    let gone: Vec<String> = map
+        .iter()
+        .filter(|(_, table)| Arc::strong_count(table) == 1)
+        .map(|((name, _), _)| name.clone())
+        .collect();
+    map.retain(|_, table| Arc::strong_count(table) > 1);
+    for name in gone {
+        if !map.keys().any(|(n, _)| *n == name) {
+            metrics.retire_policy(&name, slow_down);
+        }
+    }
+    before - map.len()
 }
 
 /// Runs `retire` once: when `due`, or when the entry is about to be dropped, whichever

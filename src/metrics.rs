@@ -29,6 +29,10 @@ pub struct Metrics {
     sticky_invalid: IntCounterVec,
     truncated: IntCounterVec,
     rejected: IntCounterVec,
+    rate_limited: IntCounterVec,
+    rate_limit_shadow: IntCounterVec,
+    rate_limit_keys: IntGaugeVec,
+    slowed_down: IntCounterVec,
     /// Client connections closed because the client ran out of time.
     pub client_timeouts: ClientTimeouts,
     /// Client connections open now, over all listeners (exported; the exact count is
@@ -167,6 +171,26 @@ impl Metrics {
             "Requests the proxy answered itself instead of forwarding them, or after forwarding failed, by route and reason.",
             &["route", "reason"],
         );
+        let rate_limited = counter(
+            "kingdom_edge_rate_limited_total",
+            "Requests refused with 429 by a rate limit, by route and policy.",
+            &["route", "policy"],
+        );
+        let rate_limit_shadow = counter(
+            "kingdom_edge_rate_limit_shadow_total",
+            "Requests a rate limit in shadow mode would have refused, by route and policy.",
+            &["route", "policy"],
+        );
+        let rate_limit_keys = gauge(
+            "kingdom_edge_rate_limit_keys",
+            "Keys a rate limit's table holds now, by policy.",
+            &["policy"],
+        );
+        let slowed_down = counter(
+            "kingdom_edge_slowed_down_total",
+            "Requests delayed by a slow-down policy, by policy.",
+            &["policy"],
+        );
         let client_timeouts_vec = counter(
             "kingdom_edge_client_timeouts_total",
             "Client connections closed for taking too long: tls_handshake, keepalive (idle between requests), header, body (408), h2_idle.",
@@ -231,6 +255,10 @@ impl Metrics {
             Box::new(sticky_invalid.clone()),
             Box::new(truncated.clone()),
             Box::new(rejected.clone()),
+            Box::new(rate_limited.clone()),
+            Box::new(rate_limit_shadow.clone()),
+            Box::new(rate_limit_keys.clone()),
+            Box::new(slowed_down.clone()),
         ] {
             registry
                 .register(collector)
@@ -251,6 +279,10 @@ impl Metrics {
             sticky_invalid,
             truncated,
             rejected,
+            rate_limited,
+            rate_limit_shadow,
+            rate_limit_keys,
+            slowed_down,
             client_timeouts,
             client_connections,
             open_connections: std::sync::atomic::AtomicUsize::new(0),
@@ -286,6 +318,7 @@ impl Metrics {
             route: route.to_string(),
             codes: (0..CODES).map(|_| OnceLock::new()).collect(),
             reasons: (0..REASONS).map(|_| OnceLock::new()).collect(),
+            limits: Default::default(),
             duration: self.duration.with_label_values(&[route]),
             truncated: self.truncated.with_label_values(&[route]),
             retired: Default::default(),
@@ -344,8 +377,51 @@ impl Metrics {
         for (_, reason) in route.reasons.iter().filter_map(OnceLock::get) {
             let _ = self.rejected.remove_label_values(&[name, reason]);
         }
+        for policy in route
+            .limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = self.rate_limited.remove_label_values(&[name, policy]);
+            let _ = self.rate_limit_shadow.remove_label_values(&[name, policy]);
+        }
         let _ = self.duration.remove_label_values(&[name]);
         let _ = self.truncated.remove_label_values(&[name]);
+    }
+
+    /// `kingdom_edge_rate_limited_total` and `kingdom_edge_rate_limit_shadow_total` of
+    /// `route` and `policy`; `route`'s retirement removes them.
+    pub fn rate_limited(&self, route: &RouteMetrics, policy: &str) -> (IntCounter, IntCounter) {
+        let name = route.route.as_str();
+        let mut bound = route.limits.lock().unwrap_or_else(|p| p.into_inner());
+        if !bound.iter().any(|p| p == policy) {
+            bound.push(policy.to_string());
+        }
+        (
+            self.rate_limited.with_label_values(&[name, policy]),
+            self.rate_limit_shadow.with_label_values(&[name, policy]),
+        )
+    }
+
+    /// `kingdom_edge_rate_limit_keys{policy}`.
+    pub fn rate_limit_keys(&self, policy: &str) -> IntGauge {
+        self.rate_limit_keys.with_label_values(&[policy])
+    }
+
+    /// `kingdom_edge_slowed_down_total{policy}`.
+    pub fn slowed_down(&self, policy: &str) -> IntCounter {
+        self.slowed_down.with_label_values(&[policy])
+    }
+
+    /// Removes the series of a rate limit (`slow_down: false`) or slow-down policy that a
+    /// reload removed.
+    pub fn retire_policy(&self, policy: &str, slow_down: bool) {
+        if slow_down {
+            let _ = self.slowed_down.remove_label_values(&[policy]);
+        } else {
+            let _ = self.rate_limit_keys.remove_label_values(&[policy]);
+        }
     }
 
     /// Removes the series of a sidecar process a reload removed.
@@ -400,6 +476,8 @@ pub struct RouteMetrics {
     codes: Box<[OnceLock<IntCounter>]>,
     /// By rejection index: the counter and its reason label.
     reasons: Box<[OnceLock<(IntCounter, &'static str)>]>,
+    /// Rate limits whose counters were bound to this route (for retirement).
+    limits: std::sync::Mutex<Vec<String>>,
     duration: prometheus::Histogram,
     /// `kingdom_edge_responses_truncated_total{route}`.
     pub truncated: IntCounter,
@@ -423,6 +501,7 @@ impl RouteMetrics {
             route: route.to_string(),
             codes: (0..CODES).map(|_| OnceLock::new()).collect(),
             reasons: (0..REASONS).map(|_| OnceLock::new()).collect(),
+            limits: Default::default(),
             duration: prometheus::Histogram::with_opts(HistogramOpts::new(
                 "kingdom_edge_detached",
                 "not exported",

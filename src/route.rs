@@ -42,10 +42,32 @@ pub struct Route {
     pub limits: HeadLimits,
     /// Bearer-token verification, if the route asks for it.
     pub auth: Option<Auth>,
+    /// Its rate limits, in order.
+    pub rate_limits: Vec<RouteLimit>,
+    /// Its slow-down policy: an index into the snapshot's.
+    pub slow_down: Option<usize>,
     /// A digest of the route's settings, to tell a reload that changed it.
     pub fingerprint: u64,
     /// Request counters for this route (detached until the snapshot is activated).
     pub metrics: Arc<RouteMetrics>,
+}
+
+/// One rate limit of a route: which policy, and the route's counters of it.
+pub struct RouteLimit {
+    /// An index into the snapshot's rate limits.
+    pub policy: usize,
+    /// `kingdom_edge_rate_limited_total{route,policy}`.
+    pub limited: prometheus::IntCounter,
+    /// `kingdom_edge_rate_limit_shadow_total{route,policy}`.
+    pub shadowed: prometheus::IntCounter,
+}
+
+/// The named policies routes may refer to, by name in snapshot order.
+pub struct Policies<'a> {
+    /// `rate_limits:` names.
+    pub rate_limits: &'a [String],
+    /// `slow_down:` names.
+    pub slow_downs: &'a [String],
 }
 
 /// How a route matches the request host (compared without port, case-insensitively).
@@ -144,6 +166,7 @@ pub fn compile(
     raw: &[RawRoute],
     pools: &[Pool],
     declared: &[&str],
+    policies: &Policies<'_>,
     limits: HeadLimits,
     errors: &mut Errors,
 ) -> Router {
@@ -241,6 +264,37 @@ pub fn compile(
             errors,
         );
 
+        let mut rate_limits = Vec::new();
+        for (j, name) in route.rate_limit.iter().flatten().enumerate() {
+            match policies.rate_limits.iter().position(|p| p == name) {
+                Some(policy) if rate_limits.iter().any(|l: &RouteLimit| l.policy == policy) => {
+                    errors.push(
+                        format!("{at}.rate_limit[{j}]"),
+                        format!("`{name}` is listed twice"),
+                    )
+                }
+                Some(policy) => rate_limits.push(RouteLimit {
+                    policy,
+                    limited: detached_counter(),
+                    shadowed: detached_counter(),
+                }),
+                None => errors.push(
+                    format!("{at}.rate_limit[{j}]"),
+                    format!("no rate limit named `{name}` under `rate_limits:`"),
+                ),
+            }
+        }
+        let slow_down = route.slow_down.as_ref().and_then(|name| {
+            let found = policies.slow_downs.iter().position(|p| p == name);
+            if found.is_none() {
+                errors.push(
+                    format!("{at}.slow_down"),
+                    format!("no slow-down policy named `{name}` under `slow_down:`"),
+                );
+            }
+            found
+        });
+
         let pool = pools.iter().position(|p| p.name == route.pool);
         if pool.is_none() && !declared.contains(&route.pool.as_str()) {
             errors.push(
@@ -254,6 +308,8 @@ pub fn compile(
         routes.push((
             i,
             Route {
+                rate_limits,
+                slow_down,
                 auth: route.auth.map(|auth| match auth {
                     RawAuth::Required => Auth::Required,
                     RawAuth::Optional => Auth::Optional,
@@ -281,6 +337,11 @@ pub fn compile(
     Router {
         routes: routes.into_iter().map(|(_, r)| r).collect(),
     }
+}
+
+fn detached_counter() -> prometheus::IntCounter {
+    prometheus::IntCounter::new("kingdom_edge_detached", "not exported")
+        .expect("static metric definition")
 }
 
 /// A digest of a route's settings.
@@ -321,10 +382,15 @@ mod tests {
                 crate::upstream::pool::compile(name, p, "pools", &env, &mut errors).unwrap()
             })
             .collect();
+        let policies = Policies {
+            rate_limits: &[],
+            slow_downs: &[],
+        };
         let router = compile(
             &raw.routes,
             &pools,
             &["a", "b"],
+            &policies,
             HeadLimits::default(),
             &mut errors,
         );

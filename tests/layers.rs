@@ -23,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
         "access_log",
         "tls",
         "token",
+        "ratelimit",
     ],
     &["sidecar"],
     &["live"],

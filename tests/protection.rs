@@ -140,3 +140,226 @@ async fn tokens_are_verified_at_the_edge_and_only_their_subject_reaches_the_upst
         5.0
     );
 }
+
+/// A proxy in front of one fake upstream `a` (routes `/`), with `sections` (top-level YAML)
+/// and `route_extra` added to the route.
+async fn limited_edge(sections: &str, route_extra: &str) -> (Edge, String) {
+    let a = common::fake_upstream("a").await;
+    let p = free_ports(2);
+    let yaml = format!(
+        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ app: {{ backends: [{{ address: {a} }}] }} }}\n{sections}routes:\n  - {{ name: open, match: {{ path_prefix: /public }}, pool: app }}\n  - {{ name: app, match: {{ path_prefix: / }}, pool: app{route_extra} }}\n",
+        p[0], p[1]
+    );
+    (Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await, yaml)
+}
+
+fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    response.headers().get(name).map(|v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn a_rate_limit_answers_429_with_exact_retry_after_and_ratelimit_headers() {
+    let (edge, _) = limited_edge(
+        "rate_limits:\n  burst3: { key: client_ip, limit: 3, per: 60s, burst: 3 }\n",
+        ", rate_limit: [burst3]",
+    )
+    .await;
+    let http = client();
+    for remaining in [2, 1, 0] {
+        let ok = http.get(edge.url("/ok")).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        assert_eq!(header(&ok, "ratelimit-policy"), Some("\"burst3\";q=3;w=60"));
+        let status = header(&ok, "ratelimit").unwrap();
+        assert!(
+            status.starts_with(&format!("\"burst3\";r={remaining};t=")),
+            "{status}"
+        );
+    }
+    let limited = http
+        .get(edge.url("/ok"))
+        .header("x-request-id", "limited-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 429);
+    // Three requests at once use the burst; the next is due 20 s after the first.
+    assert_eq!(header(&limited, "retry-after"), Some("20"));
+    assert_eq!(
+        header(&limited, "ratelimit-policy"),
+        Some("\"burst3\";q=3;w=60")
+    );
+    assert!(header(&limited, "ratelimit")
+        .unwrap()
+        .starts_with("\"burst3\";r=0;t="));
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["request_id"], "limited-1");
+    // Another route is not limited, and says nothing of limits.
+    let other = http.get(edge.url("/public/ok")).send().await.unwrap();
+    assert_eq!(other.status(), 404, "the upstream has no /public/ok");
+    assert_eq!(header(&other, "ratelimit"), None);
+
+    let metrics = edge.metrics().await;
+    let value = |series| common::metric(&metrics, series);
+    assert_eq!(
+        value(r#"kingdom_edge_rate_limited_total{policy="burst3",route="app"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"kingdom_edge_rejected_total{reason="rate_limited",route="app"}"#),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn shadow_mode_counts_without_refusing() {
+    let (edge, _) = limited_edge(
+        "rate_limits:\n  trial: { key: client_ip, limit: 1, per: 60s, mode: shadow }\n",
+        ", rate_limit: [trial]",
+    )
+    .await;
+    let http = client();
+    for _ in 0..4 {
+        let ok = http.get(edge.url("/ok")).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        assert_eq!(
+            header(&ok, "ratelimit"),
+            None,
+            "shadow policies stay out of the headers"
+        );
+    }
+    edge.wait_metric(
+        r#"kingdom_edge_rate_limit_shadow_total{policy="trial",route="app"}"#,
+        3.0,
+    )
+    .await;
+    assert!(edge
+        .stderr()
+        .contains("rate limit in shadow mode would refuse requests"));
+}
+
+#[tokio::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let limit = "rate_limits:\n  one: { key: client_ip, limit: 1, per: 60s }\n";
+    for (trusted, separate) in [
+        ("server: { trusted_proxies: [127.0.0.1] }\n", true),
+        ("", false),
+    ] {
+        let (edge, _) = limited_edge(&format!("{trusted}{limit}"), ", rate_limit: [one]").await;
+        let http = client();
+        let from = |client: &str| {
+            http.get(edge.url("/ok"))
+                .header("x-forwarded-for", client)
+                .send()
+        };
+        assert_eq!(from("198.51.100.1").await.unwrap().status(), 200);
+        let second = from("198.51.100.2").await.unwrap().status();
+        if separate {
+            assert_eq!(
+                second, 200,
+                "behind a trusted proxy, each client has its own budget"
+            );
+            assert_eq!(from("198.51.100.1").await.unwrap().status(), 429);
+        } else {
+            assert_eq!(second, 429, "an untrusted peer cannot pick its budget");
+        }
+    }
+}
+
+#[tokio::test]
+async fn buckets_survive_a_reload_that_keeps_their_policy() {
+    let limit = "rate_limits:\n  one: { key: client_ip, limit: 1, per: 1h }\n";
+    let (edge, yaml) = limited_edge(limit, ", rate_limit: [one]").await;
+    let http = client();
+    assert_eq!(
+        http.get(edge.url("/ok")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        http.get(edge.url("/ok")).send().await.unwrap().status(),
+        429
+    );
+    // A reload that changes something else keeps the bucket.
+    edge.apply(&yaml.replace("name: open", "name: open2")).await;
+    assert_eq!(
+        http.get(edge.url("/ok")).send().await.unwrap().status(),
+        429
+    );
+    // A new definition starts new buckets.
+    edge.apply(&yaml.replace("limit: 1,", "limit: 2,")).await;
+    assert_eq!(
+        http.get(edge.url("/ok")).send().await.unwrap().status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn slow_down_delays_requests_beyond_after_by_a_growing_step() {
+    let (edge, _) = limited_edge(
+        "slow_down:\n  gentle: { key: client_ip, after: 2, per: 1h, delay_step: 300ms, max_delay: 600ms }\n",
+        ", slow_down: gentle",
+    )
+    .await;
+    let http = client();
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let response = http.get(edge.url("/ok")).send().await.unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "delayed requests are answered normally"
+        );
+        waits.push(started.elapsed());
+    }
+    // The third waits at least 300 ms, the fourth 600 ms, the fifth is capped at 600 ms.
+    let ms = std::time::Duration::from_millis;
+    assert!(
+        waits[2] >= ms(300) && waits[3] >= ms(600) && waits[4] >= ms(600),
+        "{waits:?}"
+    );
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            r#"kingdom_edge_slowed_down_total{policy="gentle"}"#
+        ),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn a_user_keyed_limit_counts_each_token_subject_and_falls_back_to_the_address() {
+    let edge = api_edge(
+        "  - { name: events, match: { path_prefix: /v1/echo }, pool: api, auth: optional, rate_limit: [per_user] }\n",
+        "rate_limits:\n  per_user: { key: user, limit: 1, per: 1h }\n",
+    )
+    .await;
+    let http = client();
+    let now = unix_now();
+    let (ada, bob) = (token("ada", now, now + 600), token("bob", now, now + 600));
+    let get = |token: Option<&str>| {
+        let mut request = http.get(edge.url("/v1/echo"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(get(Some(&ada)).await.unwrap().status(), 200);
+    assert_eq!(get(Some(&ada)).await.unwrap().status(), 429);
+    assert_eq!(
+        get(Some(&bob)).await.unwrap().status(),
+        200,
+        "bob has his own budget"
+    );
+    assert_eq!(
+        get(None).await.unwrap().status(),
+        200,
+        "no token: the address's budget"
+    );
+    assert_eq!(
+        get(None).await.unwrap().status(),
+        429,
+        "which is not unlimited"
+    );
+}

@@ -24,6 +24,58 @@ pub struct RawConfig {
     pub access_log: RawAccessLog,
     /// How the edge verifies bearer tokens (for routes with `auth`). Default: none.
     pub tokens: Option<RawTokens>,
+    /// Named rate limits, for routes' `rate_limit`. Default: none.
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, RawRateLimit>,
+    /// Named slow-down policies, for routes' `slow_down`. Default: none.
+    #[serde(default)]
+    pub slow_down: BTreeMap<String, RawSlowDown>,
+}
+
+/// `rate_limits.<name>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// `client_ip`, `header:NAME`, `cookie:NAME`, `user` or `route`.
+    pub key: String,
+    /// Requests per `per`.
+    pub limit: u32,
+    pub per: Dur,
+    /// Requests that may come at once. Default: 1.
+    pub burst: Option<u32>,
+    /// `enforce` or `shadow`. Default: enforce.
+    pub mode: Option<RawLimitMode>,
+    /// IPv6 clients share a budget per this many leading bits. Default: 64.
+    pub ipv6_prefix: Option<u8>,
+    /// Most keys kept. Default: 100000.
+    pub max_keys: Option<usize>,
+}
+
+/// `rate_limits.<name>.mode`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawLimitMode {
+    Enforce,
+    Shadow,
+}
+
+/// `slow_down.<name>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSlowDown {
+    /// As for rate limits.
+    pub key: String,
+    /// Requests in `per` that pass without delay.
+    pub after: u32,
+    pub per: Dur,
+    /// Added per request beyond `after`.
+    pub delay_step: Dur,
+    /// The longest delay.
+    pub max_delay: Dur,
+    /// Default: 64.
+    pub ipv6_prefix: Option<u8>,
+    /// Default: 100000.
+    pub max_keys: Option<usize>,
 }
 
 /// `tokens:`: the secret kingdom-api signs its tokens with, to verify them at the edge.
@@ -378,6 +430,10 @@ pub struct RawRoute {
     pub request_limits: Option<RawRequestLimits>,
     /// Verify bearer tokens: `required` or `optional`. Default: no verification.
     pub auth: Option<RawAuth>,
+    /// Names of `rate_limits:` policies, applied in order. Default: none.
+    pub rate_limit: Option<Vec<String>>,
+    /// Name of a `slow_down:` policy. Default: none.
+    pub slow_down: Option<String>,
 }
 
 /// `routes[].match:`.

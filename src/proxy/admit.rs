@@ -3,14 +3,24 @@
 //! step is a policy module's decision; this file only runs them in order and turns a
 //! refusal into the answer's status and headers.
 
+use std::net::IpAddr;
+use std::time::Duration;
+
 use http::header;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
 use crate::errors::{Refusal, Rejection};
+use crate::ratelimit::gcra::Verdict;
+use crate::ratelimit::{key, seconds_up};
 use crate::route::Route;
 use crate::snapshot::Snapshot;
 use crate::token::Auth;
+
+/// `ratelimit-policy`.
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `ratelimit`.
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// What admission found out about an admitted request.
 #[derive(Debug, Default)]
@@ -18,17 +28,104 @@ pub struct Admitted {
     /// The subject of a verified bearer token: forwarded as `x-user-id`, and the `user`
     /// rate-limit key.
     pub user: Option<String>,
+    /// The RateLimit headers every response of the route carries.
+    pub rate_headers: Vec<(HeaderName, HeaderValue)>,
+    /// How long the slow-down policy holds the request before it goes on.
+    pub delay: Duration,
 }
 
-/// Runs the route's admission policies on `req`, at Unix time `unix_now`.
+/// The clocks admission reads: Unix seconds (token expiry) and monotonic nanoseconds
+/// (`ratelimit::nanos`, for buckets and windows).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Unix time, seconds.
+    pub unix: u64,
+    /// Monotonic nanoseconds.
+    pub nanos: u64,
+}
+
+/// Runs the route's admission policies on `req` from `client` at `now`.
 pub fn admit(
     snapshot: &Snapshot,
     route: &Route,
     req: &RequestHeader,
-    unix_now: u64,
+    client: Option<IpAddr>,
+    now: Now,
 ) -> Result<Admitted, Refusal> {
-    let user = authenticate(snapshot, route, req, unix_now)?;
-    Ok(Admitted { user })
+    let user = authenticate(snapshot, route, req, now.unix)?;
+    let keyed = key::Request {
+        client,
+        header: req,
+        user: user.as_deref(),
+        route: &route.name,
+    };
+    let rate_headers = rate_limit(snapshot, route, &keyed, now.nanos)?;
+    let delay = route.slow_down.map_or(Duration::ZERO, |id| {
+        let policy = &snapshot.slow_downs[id];
+        policy.hit(policy.key.key(&keyed, policy.ipv6_prefix), now.nanos)
+    });
+    Ok(Admitted {
+        user,
+        rate_headers,
+        delay,
+    })
+}
+
+/// Runs the route's rate limits in order: the RateLimit headers of the enforced ones, or the
+/// 429 of the first that refuses (the limits after it are not counted).
+fn rate_limit(
+    snapshot: &Snapshot,
+    route: &Route,
+    keyed: &key::Request<'_>,
+    now: u64,
+) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
+    if route.rate_limits.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut policies, mut statuses) = (Vec::new(), Vec::new());
+    for limit in &route.rate_limits {
+        let policy = &snapshot.rate_limits[limit.policy];
+        let outcome = policy.check(policy.key.key(keyed, policy.ipv6_prefix), now);
+        let over = matches!(outcome.verdict, Verdict::Deny { .. });
+        if !outcome.refused {
+            if over {
+                // Shadow mode: counted and logged, and left out of the headers.
+                limit.shadowed.inc();
+                if policy.log_shadow_hit(now) {
+                    tracing::info!(route = %route.name, policy = %policy.name, "rate limit in shadow mode would refuse requests");
+                }
+            }
+            if policy.mode == crate::ratelimit::Mode::Shadow {
+                continue;
+            }
+        }
+        policies.push(policy.policy_item.as_str());
+        statuses.push(policy.status_item(&outcome.verdict));
+        if let Verdict::Deny { retry_after, .. } = outcome.verdict {
+            if outcome.refused {
+                limit.limited.inc();
+                let mut refusal =
+                    Refusal::from(Rejection::RateLimited).retry_after(seconds_up(retry_after));
+                refusal.headers.extend(headers(&policies, &statuses));
+                return Err(refusal);
+            }
+        }
+    }
+    Ok(headers(&policies, &statuses))
+}
+
+/// `ratelimit-policy` and `ratelimit` (IETF httpapi draft), one list item per policy.
+fn headers(policies: &[&str], statuses: &[String]) -> Vec<(HeaderName, HeaderValue)> {
+    if policies.is_empty() {
+        return Vec::new();
+    }
+    let value = |items: String| HeaderValue::from_str(&items).ok();
+    let policy = value(policies.join(", "));
+    let status = value(statuses.join(", "));
+    match (policy, status) {
+        (Some(policy), Some(status)) => vec![(RATELIMIT_POLICY, policy), (RATELIMIT, status)],
+        _ => Vec::new(),
+    }
 }
 
 /// The verified subject of the request's bearer token, when the route checks tokens.

@@ -106,6 +106,8 @@ pub struct RequestCtx {
     pool_request: Option<PoolRequest>,
     /// The subject of the request's verified bearer token.
     user: Option<String>,
+    /// Headers admission adds to the response (the RateLimit fields).
+    admission_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The backend a valid sticky cookie names.
     pin: Option<BackendId>,
     /// When the request's valid sticky cookie expires (Unix seconds).
@@ -283,6 +285,7 @@ impl ProxyHttp for EdgeProxy {
             refusal_headers: Vec::new(),
             pool_request: None,
             user: None,
+            admission_headers: Vec::new(),
             pin: None,
             pin_expires: None,
             tried: Vec::new(),
@@ -375,15 +378,28 @@ impl ProxyHttp for EdgeProxy {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let too_large = matches!((route.max_body, declared), (Some(max), Some(len)) if len > max);
         let pool = snapshot.pool(route.pool);
-        if !session.is_upgrade_req() {
-            ctx.deadline = pool.timeouts.total.map(|total| ctx.started + total);
-        }
         if too_large {
             return answer(session, ctx, Rejection::BodyTooLarge).await;
         }
-        match admit::admit(&snapshot, route, session.req_header(), unix_now()) {
-            Ok(admitted) => ctx.user = admitted.user,
+        let now = admit::Now {
+            unix: unix_now(),
+            nanos: crate::ratelimit::nanos(Instant::now()),
+        };
+        let client = ctx.forwarded.as_ref().map(|f| f.client_ip);
+        match admit::admit(&snapshot, route, session.req_header(), client, now) {
+            Ok(admitted) => {
+                ctx.user = admitted.user;
+                ctx.admission_headers = admitted.rate_headers;
+                if !admitted.delay.is_zero() {
+                    // Slow-down: the request's task waits; no thread does.
+                    tokio::time::sleep(admitted.delay).await;
+                }
+            }
             Err(refusal) => return answer(session, ctx, refusal).await,
+        }
+        // `timeouts.total` counts from here: a slow-down's wait is not the upstream's.
+        if !session.is_upgrade_req() {
+            ctx.deadline = pool.timeouts.total.map(|total| Instant::now() + total);
         }
         let Some(request) = pool.state.start(pool.max_in_flight) else {
             pool.state.metrics.rejected_max_in_flight.inc();
@@ -632,6 +648,9 @@ impl ProxyHttp for EdgeProxy {
         response.remove_header(&header::SERVER);
         response.remove_header("x-powered-by");
         response.insert_header("x-request-id", &ctx.request_id)?;
+        for (name, value) in &ctx.admission_headers {
+            response.insert_header(name.clone(), value.clone())?;
+        }
         if let (Some(choice), Some(pool)) = (ctx.choice, ctx.pool()) {
             if let (Some(sticky), Some(backend)) = (&pool.sticky, pool.backend(choice.id)) {
                 let now = unix_now();

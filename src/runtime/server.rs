@@ -34,7 +34,8 @@ use crate::tls::{self, CertificateStore};
 /// drain watcher ends the process long before, within `server.shutdown_timeout`.
 const GRACE_BACKSTOP: Duration = Duration::from_secs(24 * 3600);
 
-/// How often state that no snapshot holds any more is dropped (see `LiveState::reap`).
+/// How often state that no snapshot holds any more is dropped (see `LiveState::reap`), and
+/// idle rate-limit buckets with it (`LiveState::sweep`).
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// How [`run`] starts.
@@ -317,6 +318,7 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
                 loop {
                     every.tick().await;
                     live.reap();
+                    live.sweep(crate::ratelimit::nanos(std::time::Instant::now()));
                 }
             })
         }

@@ -8,7 +8,7 @@ use crate::metrics::NO_ROUTE;
 /// the state kept under its stable id (pool name; pool and backend address; route name),
 /// created for what is new. What this snapshot no longer holds stays with the snapshots (and
 /// requests in flight) that still use it, until [`LiveState::reap`] retires it and its
-/// metric series.
+/// metric series. A rate limit or slow-down policy defined as before keeps its buckets.
 ///
 /// A backend of a pool whose health checks were removed is trusted again; one of a pool
 /// that gained checks keeps its state until the checks say otherwise. A pool whose outlier
@@ -27,8 +27,24 @@ pub fn activate(snapshot: &mut Snapshot, live: &LiveState) {
             }
         }
     }
+    for policy in &mut snapshot.rate_limits {
+        policy.store = live.buckets(&policy.name, policy.fingerprint, policy.max_keys);
+    }
+    for policy in &mut snapshot.slow_downs {
+        policy.counts = live.counts(&policy.name, policy.fingerprint, policy.max_keys);
+    }
+    let policy_names: Vec<String> = snapshot
+        .rate_limits
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
     for route in snapshot.router.routes_mut() {
         route.metrics = live.route(&route.name);
+        for limit in &mut route.rate_limits {
+            (limit.limited, limit.shadowed) = live
+                .metrics()
+                .rate_limited(&route.metrics, &policy_names[limit.policy]);
+        }
     }
     snapshot.unrouted = live.route(NO_ROUTE);
 }

@@ -15,6 +15,8 @@ use crate::config::units::Dur;
 use crate::config::{self, ConfigError, Env, Errors};
 use crate::forwarded::TrustedProxies;
 use crate::metrics::{RouteMetrics, NO_ROUTE};
+use crate::ratelimit::slowdown::{self, SlowDown};
+use crate::ratelimit::{self, RateLimit};
 use crate::request::{ClientTimeouts, HeadLimits, Hygiene};
 use crate::route;
 use crate::sidecar::launch::Sidecar;
@@ -171,7 +173,22 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
     let limits = server
         .as_ref()
         .map_or_else(Default::default, |s| s.hygiene.limits);
-    let router = route::compile(&raw.routes, &pools, &declared, limits, errors);
+    let rate_limits: Vec<RateLimit> = raw
+        .rate_limits
+        .iter()
+        .filter_map(|(name, r)| ratelimit::compile(name, r, &format!("rate_limits.{name}"), errors))
+        .collect();
+    let slow_downs: Vec<SlowDown> = raw
+        .slow_down
+        .iter()
+        .filter_map(|(name, r)| slowdown::compile(name, r, &format!("slow_down.{name}"), errors))
+        .collect();
+    // Every declared name, so a route naming a policy with errors is not reported again.
+    let policies = route::Policies {
+        rate_limits: &raw.rate_limits.keys().cloned().collect::<Vec<_>>(),
+        slow_downs: &raw.slow_down.keys().cloned().collect::<Vec<_>>(),
+    };
+    let router = route::compile(&raw.routes, &pools, &declared, &policies, limits, errors);
 
     let tokens = raw
         .tokens
@@ -217,6 +234,8 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
         router,
         access_log,
         tokens,
+        rate_limits,
+        slow_downs,
         unrouted: Arc::new(RouteMetrics::detached(NO_ROUTE)),
     })
 }

@@ -20,6 +20,8 @@ pub use store::{ConfigStore, ReloadReport, Trigger};
 use crate::access_log::AccessLogOutput;
 use crate::forwarded::TrustedProxies;
 use crate::metrics::RouteMetrics;
+use crate::ratelimit::slowdown::SlowDown;
+use crate::ratelimit::RateLimit;
 use crate::request::{ClientTimeouts, Hygiene};
 use crate::route::{PoolId, Route, RouteId, Router};
 use crate::sidecar::launch::Sidecar;
@@ -49,6 +51,10 @@ pub struct Snapshot {
     pub access_log: AccessLogOutput,
     /// How bearer tokens are verified (`tokens:`), for routes with `auth`.
     pub tokens: Option<TokenVerifier>,
+    /// `rate_limits:`, by name order; routes refer to them by index.
+    pub rate_limits: Vec<RateLimit>,
+    /// `slow_down:`, likewise.
+    pub slow_downs: Vec<SlowDown>,
     /// Counters for requests that matched no route.
     pub unrouted: Arc<RouteMetrics>,
 }

@@ -1,0 +1,173 @@
+//! GCRA, the generic cell rate algorithm (a leaky bucket kept as one number per key: the
+//! theoretical arrival time, TAT, of the next request at the sustained rate).
+//!
+//! With `limit` per `per`, requests are due one every `T = per / limit`; `burst` of them may
+//! come at once (tolerance `τ = (burst − 1) × T`). A request at `now` is admitted when
+//! `TAT − τ ≤ now`, and then `TAT = max(TAT, now) + T`. So with `burst: 1` (the default)
+//! admitted requests are at least `T` apart and at most `limit` fall in any window of `per`;
+//! with a burst `b`, `b` pass at once and one more every `T`, at most `limit + b − 1` in any
+//! window of `per`. Time is nanoseconds on a monotonic clock, passed in.
+
+/// One policy's rate, in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gcra {
+    /// `T`: one request every this long, sustained.
+    pub interval: u64,
+    /// `τ`: how far ahead of the sustained rate a burst may run.
+    pub tolerance: u64,
+}
+
+/// What the bucket says of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Admitted.
+    Allow {
+        /// Requests that would still be admitted right now.
+        remaining: u64,
+        /// Nanoseconds until the bucket is full again (nothing of it used).
+        reset: u64,
+    },
+    /// Refused.
+    Deny {
+        /// Nanoseconds until a request would be admitted.
+        retry_after: u64,
+        /// Nanoseconds until the bucket is full again.
+        reset: u64,
+    },
+}
+
+impl Gcra {
+    /// `limit` requests per `per` nanoseconds, `burst` at once (`limit`, `burst` ≥ 1).
+    pub fn new(limit: u64, per: u64, burst: u64) -> Self {
+        let interval = (per / limit.max(1)).max(1);
+        Self {
+            interval,
+            tolerance: interval.saturating_mul(burst.max(1) - 1),
+        }
+    }
+
+    /// Decides a request at `now` on a bucket whose TAT is `tat` (`None`: unused). Returns
+    /// the verdict and the bucket's new TAT (unchanged when refused).
+    pub fn decide(&self, tat: Option<u64>, now: u64) -> (Verdict, Option<u64>) {
+        let tat = tat.unwrap_or(now).max(now);
+        let allow_at = tat.saturating_sub(self.tolerance);
+        if now < allow_at {
+            let verdict = Verdict::Deny {
+                retry_after: allow_at - now,
+                reset: tat - now,
+            };
+            return (verdict, Some(tat));
+        }
+        let next = tat + self.interval;
+        // The next request is admitted while the TAT is within τ of now; each adds T.
+        let ahead = next - now;
+        let remaining = match (self.tolerance + self.interval).checked_sub(ahead) {
+            Some(room) => room / self.interval,
+            None => 0,
+        };
+        let verdict = Verdict::Allow {
+            remaining,
+            reset: ahead,
+        };
+        (verdict, Some(next))
+    }
+
+    /// Whether a bucket with this TAT is as good as unused at `now` (it can be dropped).
+    pub fn is_idle(tat: u64, now: u64) -> bool {
+        tat <= now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    /// Runs requests at `times` (seconds) through one bucket; which were admitted.
+    fn run(gcra: Gcra, times: &[f64]) -> Vec<bool> {
+        let mut tat = None;
+        times
+            .iter()
+            .map(|t| {
+                let (verdict, next) = gcra.decide(tat, (t * S as f64) as u64);
+                tat = next;
+                matches!(verdict, Verdict::Allow { .. })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_a_burst_at_most_limit_pass_in_any_window() {
+        // 5 per 15 minutes: one every 180 s.
+        let gcra = Gcra::new(5, 900 * S, 1);
+        assert_eq!(
+            run(gcra, &[0.0, 1.0, 179.999, 180.0]),
+            [true, false, false, true]
+        );
+        let spaced: Vec<f64> = (0..6).map(|i| i as f64 * 180.0).collect();
+        assert_eq!(run(gcra, &spaced), [true; 6], "one every 180 s, for ever");
+        // However a client spaces them, no 15-minute window ever holds a sixth.
+        let times: Vec<f64> = (0..2000).map(|i| i as f64 * 1.7).collect();
+        let admitted: Vec<f64> = times
+            .iter()
+            .zip(run(gcra, &times))
+            .filter_map(|(t, ok)| ok.then_some(*t))
+            .collect();
+        for start in &admitted {
+            let in_window = admitted
+                .iter()
+                .filter(|t| **t >= *start && **t < start + 900.0)
+                .count();
+            assert!(in_window <= 5, "{in_window} from {start}");
+        }
+    }
+
+    #[test]
+    fn a_burst_passes_at_once_then_the_rate_applies() {
+        let gcra = Gcra::new(5, 900 * S, 5);
+        let burst = run(gcra, &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(burst, [true, true, true, true, true, false]);
+        assert_eq!(
+            run(gcra, &[0.0, 0.0, 0.0, 0.0, 0.0, 179.0, 180.0, 181.0, 360.0]),
+            [true, true, true, true, true, false, true, false, true]
+        );
+    }
+
+    #[test]
+    fn remaining_reset_and_retry_after_are_exact() {
+        let gcra = Gcra::new(5, 900 * S, 5);
+        let (first, tat) = gcra.decide(None, 0);
+        assert_eq!(
+            first,
+            Verdict::Allow {
+                remaining: 4,
+                reset: 180 * S
+            }
+        );
+        let mut tat = tat;
+        for left in (0..4).rev() {
+            let (verdict, next) = gcra.decide(tat, 0);
+            tat = next;
+            assert!(matches!(verdict, Verdict::Allow { remaining, .. } if remaining == left));
+        }
+        let (denied, unchanged) = gcra.decide(tat, 10 * S);
+        assert_eq!(unchanged, tat, "a refusal does not use the bucket");
+        assert_eq!(
+            denied,
+            Verdict::Deny {
+                retry_after: 170 * S,
+                reset: 890 * S
+            }
+        );
+        let strict = Gcra::new(5, 900 * S, 1);
+        assert_eq!(
+            strict.decide(None, 0).0,
+            Verdict::Allow {
+                remaining: 0,
+                reset: 180 * S
+            }
+        );
+        assert!(Gcra::is_idle(5, 5) && !Gcra::is_idle(6, 5));
+    }
+}
