@@ -6,7 +6,8 @@
 //! - `metrics`: metric families and handles.
 //! - policies, each compiling its own section, with a pure decision at its heart:
 //!   `balance`, `slow_start`, `health`, `outlier`, `retry`, `sticky`, `request`,
-//!   `forwarded`, `request_id`, `errors`, `access_log`, `tls`, `token`, `ratelimit`.
+//!   `forwarded`, `request_id`, `errors`, `access_log`, `tls`, `token`, `ratelimit`,
+//!   `shed`, `validation`, `security`.
 //! - `sidecar`: the content and API services, and how the proxy launches them.
 //! - `live`: state that outlives config snapshots.
 //! - `upstream`: pools, the choice of a backend, the outcome of an attempt.
@@ -30,10 +31,13 @@ pub mod ratelimit;
 pub mod request;
 pub mod request_id;
 pub mod retry;
+pub mod security;
+pub mod shed;
 pub mod slow_start;
 pub mod sticky;
 pub mod tls;
 pub mod token;
+pub mod validation;
 
 pub mod sidecar;
 

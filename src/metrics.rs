@@ -33,6 +33,8 @@ pub struct Metrics {
     rate_limit_shadow: IntCounterVec,
     rate_limit_keys: IntGaugeVec,
     slowed_down: IntCounterVec,
+    /// `kingdom_edge_shed_total{priority}`, one handle per priority in [`PRIORITIES`] order.
+    pub shed: [IntCounter; 3],
     /// Client connections closed because the client ran out of time.
     pub client_timeouts: ClientTimeouts,
     /// Client connections open now, over all listeners (exported; the exact count is
@@ -53,6 +55,9 @@ pub struct Metrics {
     /// Admin requests refused for a missing or wrong token.
     pub admin_auth_failures: IntCounter,
 }
+
+/// The `priority` labels of `kingdom_edge_shed_total`, highest first.
+pub const PRIORITIES: [&str; 3] = ["high", "standard", "bulk"];
 
 /// `kingdom_edge_client_timeouts_total{phase}`, one handle per phase.
 pub struct ClientTimeouts {
@@ -191,6 +196,11 @@ impl Metrics {
             "Requests delayed by a slow-down policy, by policy.",
             &["policy"],
         );
+        let shed = counter(
+            "kingdom_edge_shed_total",
+            "Requests answered 503 because too many were in flight (server.overload), by route priority.",
+            &["priority"],
+        );
         let client_timeouts_vec = counter(
             "kingdom_edge_client_timeouts_total",
             "Client connections closed for taking too long: tls_handshake, keepalive (idle between requests), header, body (408), h2_idle.",
@@ -259,6 +269,7 @@ impl Metrics {
             Box::new(rate_limit_shadow.clone()),
             Box::new(rate_limit_keys.clone()),
             Box::new(slowed_down.clone()),
+            Box::new(shed.clone()),
         ] {
             registry
                 .register(collector)
@@ -283,6 +294,7 @@ impl Metrics {
             rate_limit_shadow,
             rate_limit_keys,
             slowed_down,
+            shed: PRIORITIES.map(|priority| shed.with_label_values(&[priority])),
             client_timeouts,
             client_connections,
             open_connections: std::sync::atomic::AtomicUsize::new(0),

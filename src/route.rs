@@ -13,8 +13,12 @@ use crate::config::Errors;
 use crate::metrics::RouteMetrics;
 use crate::request::path::EscapedSlashes;
 use crate::request::HeadLimits;
+use crate::security::cors::Cors;
+use crate::security::SecurityHeaders;
+use crate::shed::Priority;
 use crate::token::Auth;
 use crate::upstream::Pool;
+use crate::validation::{parse_methods, Validation};
 
 /// Index of a route in its snapshot's [`Router::routes`].
 pub type RouteId = usize;
@@ -34,8 +38,14 @@ pub struct Route {
     pub methods: Vec<Method>,
     /// Where matching requests go: an index into the snapshot's pools.
     pub pool: PoolId,
-    /// Largest request body in bytes; `None` is no limit.
-    pub max_body: Option<u64>,
+    /// Methods, body size and media types the route accepts.
+    pub validation: Validation,
+    /// How soon its requests are shed when the proxy is overloaded.
+    pub priority: Priority,
+    /// Security headers its responses get.
+    pub security_headers: SecurityHeaders,
+    /// Its CORS rules; `None` leaves CORS (and preflights) to the upstream.
+    pub cors: Option<Cors>,
     /// What a path holding `%2F` or `%5C` gets here.
     pub escaped_slashes: EscapedSlashes,
     /// Request head limits (the server's unless the route sets its own).
@@ -68,6 +78,14 @@ pub struct Policies<'a> {
     pub rate_limits: &'a [String],
     /// `slow_down:` names.
     pub slow_downs: &'a [String],
+}
+
+/// What a route inherits from `server:` unless it says otherwise.
+pub struct Inherited<'a> {
+    /// `server.request_limits`.
+    pub limits: HeadLimits,
+    /// `server.security_headers`.
+    pub security_headers: &'a SecurityHeaders,
 }
 
 /// How a route matches the request host (compared without port, case-insensitively).
@@ -167,7 +185,7 @@ pub fn compile(
     pools: &[Pool],
     declared: &[&str],
     policies: &Policies<'_>,
-    limits: HeadLimits,
+    inherited: &Inherited<'_>,
     errors: &mut Errors,
 ) -> Router {
     let mut routes: Vec<(usize, Route)> = Vec::with_capacity(raw.len());
@@ -231,21 +249,18 @@ pub fn compile(
             }
         }
 
-        let mut methods = Vec::new();
-        for (j, method) in route.matcher.methods.iter().flatten().enumerate() {
-            match Method::from_bytes(method.as_bytes()) {
-                Ok(m) if method.bytes().all(|b| b.is_ascii_uppercase()) => methods.push(m),
-                _ => errors.push(
-                    format!("{at}.match.methods[{j}]"),
-                    format!("`{method}` is not an upper-case HTTP method"),
-                ),
-            }
-        }
-
-        let max_body = route.max_body.map(|size| size.0);
-        if max_body == Some(0) {
-            errors.push(format!("{at}.max_body"), "must be > 0 (got 0B)");
-        }
+        let methods = parse_methods(
+            route.matcher.methods.as_deref(),
+            &format!("{at}.match.methods"),
+            errors,
+        );
+        let validation = Validation::compile(
+            route.methods.as_deref(),
+            route.max_body,
+            route.content_types.as_deref(),
+            &at,
+            errors,
+        );
 
         let escaped_slashes = match route.escaped_slashes.as_deref() {
             None => EscapedSlashes::default(),
@@ -259,10 +274,24 @@ pub fn compile(
         };
         let limits = HeadLimits::compile(
             route.request_limits.as_ref(),
-            limits,
+            inherited.limits,
             &format!("{at}.request_limits"),
             errors,
         );
+
+        let security_headers = match &route.security_headers {
+            None => inherited.security_headers.clone(),
+            Some(raw) => SecurityHeaders::compile(
+                Some(raw),
+                Some(inherited.security_headers),
+                &format!("{at}.security_headers"),
+                errors,
+            ),
+        };
+        let cors = route
+            .cors
+            .as_ref()
+            .map(|raw| Cors::compile(raw, &format!("{at}.cors"), errors));
 
         let mut rate_limits = Vec::new();
         for (j, name) in route.rate_limit.iter().flatten().enumerate() {
@@ -319,7 +348,10 @@ pub fn compile(
                 path_prefix,
                 methods,
                 pool,
-                max_body,
+                validation,
+                priority: Priority::compile(route.priority),
+                security_headers,
+                cors,
                 escaped_slashes,
                 limits,
                 fingerprint: fingerprint(route),
@@ -386,12 +418,16 @@ mod tests {
             rate_limits: &[],
             slow_downs: &[],
         };
+        let inherited = Inherited {
+            limits: HeadLimits::default(),
+            security_headers: &SecurityHeaders::default(),
+        };
         let router = compile(
             &raw.routes,
             &pools,
             &["a", "b"],
             &policies,
-            HeadLimits::default(),
+            &inherited,
             &mut errors,
         );
         assert!(errors.is_empty(), "{errors:?}");

@@ -157,6 +157,19 @@ fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     response.headers().get(name).map(|v| v.to_str().unwrap())
 }
 
+/// Checks that `response` says to retry when the next request is due, `due` seconds after
+/// the instant `first` (just before the policy's first request): that less what has gone
+/// since, rounded up to the second.
+fn assert_retry_after(response: &reqwest::Response, due: u64, first: std::time::Instant) {
+    let retry_after: u64 = header(response, "retry-after").unwrap().parse().unwrap();
+    let gone = first.elapsed().as_secs_f64();
+    let earliest = (due as f64 - gone).ceil().max(1.0) as u64;
+    assert!(
+        (earliest..=due).contains(&retry_after),
+        "retry-after {retry_after}, due {due} s after a start {gone} s ago"
+    );
+}
+
 #[tokio::test]
 async fn a_rate_limit_answers_429_with_exact_retry_after_and_ratelimit_headers() {
     let (edge, _) = limited_edge(
@@ -165,6 +178,7 @@ async fn a_rate_limit_answers_429_with_exact_retry_after_and_ratelimit_headers()
     )
     .await;
     let http = client();
+    let first = std::time::Instant::now();
     for remaining in [2, 1, 0] {
         let ok = http.get(edge.url("/ok")).send().await.unwrap();
         assert_eq!(ok.status(), 200);
@@ -183,7 +197,7 @@ async fn a_rate_limit_answers_429_with_exact_retry_after_and_ratelimit_headers()
         .unwrap();
     assert_eq!(limited.status(), 429);
     // Three requests at once use the burst; the next is due 20 s after the first.
-    assert_eq!(header(&limited, "retry-after"), Some("20"));
+    assert_retry_after(&limited, 20, first);
     assert_eq!(
         header(&limited, "ratelimit-policy"),
         Some("\"burst3\";q=3;w=60")
@@ -361,5 +375,235 @@ async fn a_user_keyed_limit_counts_each_token_subject_and_falls_back_to_the_addr
         get(None).await.unwrap().status(),
         429,
         "which is not unlimited"
+    );
+}
+
+#[tokio::test]
+async fn a_route_answers_405_with_allow_415_and_413_before_its_upstream() {
+    let (edge, _) = limited_edge(
+        "",
+        ", methods: [GET, POST], content_types: [application/json, 'text/*'], max_body: 16B",
+    )
+    .await;
+    let http = client();
+    let deleted = http.delete(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(deleted.status(), 405);
+    assert_eq!(header(&deleted, "allow"), Some("GET, POST"));
+    let body: Value = deleted.json().await.unwrap();
+    assert_eq!(body["error"], "method_not_allowed");
+
+    let upload = |content_type: Option<&'static str>, body: &'static str| {
+        let mut request = http.post(edge.url("/upload")).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send()
+    };
+    let xml = upload(Some("application/xml"), "<a/>").await.unwrap();
+    assert_eq!(xml.status(), 415);
+    assert_eq!(upload(None, "{}").await.unwrap().status(), 415, "no type");
+    let json = upload(Some("application/json; charset=utf-8"), "{\"a\":1}")
+        .await
+        .unwrap();
+    assert_eq!(json.status(), 200);
+    assert_eq!(
+        json.text().await.unwrap(),
+        "7",
+        "the upstream read the body"
+    );
+    let text = upload(Some("text/plain"), "hello").await.unwrap();
+    assert_eq!(text.status(), 200);
+    let large = upload(Some("application/json"), "{\"a\":\"0123456789\"}")
+        .await
+        .unwrap();
+    assert_eq!(large.status(), 413, "max_body still holds");
+    // A GET without a body has no media type to check.
+    assert_eq!(
+        http.get(edge.url("/ok")).send().await.unwrap().status(),
+        200
+    );
+
+    let metrics = edge.metrics().await;
+    for (reason, count) in [
+        ("method_not_allowed", 1.0),
+        ("unsupported_media_type", 2.0),
+        ("body_too_large", 1.0),
+    ] {
+        let series = format!(r#"kingdom_edge_rejected_total{{reason="{reason}",route="app"}}"#);
+        assert_eq!(common::metric(&metrics, &series), count, "{series}");
+    }
+}
+
+#[tokio::test]
+async fn overload_sheds_bulk_first_then_standard_and_high_only_at_the_cap() {
+    let upstream = common::toggle_upstream("held").await;
+    let p = free_ports(2);
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, address: 127.0.0.1:{} }}]
+admin: {{ address: 127.0.0.1:{} }}
+server:
+  overload: {{ shed_bulk_at: 2, shed_standard_at: 3, max_in_flight: 4, retry_after: 5s }}
+pools: {{ app: {{ backends: [{{ address: {} }}] }} }}
+routes:
+  - {{ name: login, match: {{ host: high.test }}, pool: app, priority: high }}
+  - {{ name: batch, match: {{ host: bulk.test }}, pool: app, priority: bulk }}
+  - {{ name: api, pool: app }}
+"#,
+        p[0], p[1], upstream.addr
+    );
+    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let http = client();
+    let get = |host: &'static str| http.get(edge.url("/ok")).header("host", host).send();
+    let hits = || upstream.hits.load(std::sync::atomic::Ordering::SeqCst);
+    upstream.close();
+    // Holds requests at the upstream; each is in flight until the gate opens.
+    let mut held = Vec::new();
+    let mut hold = |host: &'static str, at: usize| {
+        held.push(tokio::spawn(get(host)));
+        common::wait_for("the request to reach the upstream", move || async move {
+            (hits() >= at).then_some(())
+        })
+    };
+    hold("api.test", 1).await;
+    hold("api.test", 2).await;
+    // Two in flight: a third bulk request is past `shed_bulk_at`, a standard one is not.
+    let shed = get("bulk.test").await.unwrap();
+    assert_eq!(shed.status(), 503);
+    assert_eq!(header(&shed, "retry-after"), Some("5"));
+    let body: Value = shed.json().await.unwrap();
+    assert_eq!(body["error"], "overloaded");
+    hold("api.test", 3).await;
+    // Three in flight: standard is shed too, high is not.
+    assert_eq!(get("api.test").await.unwrap().status(), 503);
+    assert_eq!(get("bulk.test").await.unwrap().status(), 503);
+    hold("high.test", 4).await;
+    // Four: everything is shed.
+    assert_eq!(get("high.test").await.unwrap().status(), 503);
+    assert_eq!(hits(), 4, "shed requests never reached the upstream");
+
+    upstream.open();
+    for request in held {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    // The load is gone: bulk passes again.
+    assert_eq!(get("bulk.test").await.unwrap().status(), 200);
+
+    let metrics = edge.metrics().await;
+    let value = |series: &str| common::metric(&metrics, series);
+    assert_eq!(value(r#"kingdom_edge_shed_total{priority="bulk"}"#), 2.0);
+    assert_eq!(
+        value(r#"kingdom_edge_shed_total{priority="standard"}"#),
+        1.0
+    );
+    assert_eq!(value(r#"kingdom_edge_shed_total{priority="high"}"#), 1.0);
+    assert_eq!(
+        value(r#"kingdom_edge_rejected_total{reason="overloaded",route="batch"}"#),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_at_the_edge_and_responses_decorated_per_origin() {
+    let (edge, _) = limited_edge(
+        "",
+        ", methods: [GET, POST], cors: { origins: ['https://kingdomstudios.app', 'https://*.kingdomstudios.app'], methods: [GET, POST], headers: [authorization, content-type], expose_headers: [x-request-id], credentials: true, max_age: 10m }, security_headers: { content_security_policy: \"default-src 'none'\" }",
+    )
+    .await;
+    let http = client();
+    let preflight = |origin: &str, method: &str| {
+        http.request(reqwest::Method::OPTIONS, edge.url("/ok"))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "Authorization")
+            .send()
+    };
+    // Allowed: answered here (the upstream has no OPTIONS, and `methods` has none either:
+    // a preflight is not the request it asks about).
+    let allowed = preflight("https://eu.kingdomstudios.app", "POST")
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 204);
+    for (name, value) in [
+        (
+            "access-control-allow-origin",
+            "https://eu.kingdomstudios.app",
+        ),
+        ("access-control-allow-methods", "GET, POST"),
+        ("access-control-allow-headers", "authorization"),
+        ("access-control-allow-credentials", "true"),
+        ("access-control-max-age", "600"),
+        ("x-content-type-options", "nosniff"),
+    ] {
+        assert_eq!(header(&allowed, name), Some(value), "{name}");
+    }
+    assert!(header(&allowed, "x-request-id").is_some());
+
+    // Denied: another origin, a method not allowed.
+    for (origin, method) in [
+        ("https://kingdomstudios.app.evil.example", "POST"),
+        ("https://kingdomstudios.app", "DELETE"),
+    ] {
+        let denied = preflight(origin, method).await.unwrap();
+        assert_eq!(denied.status(), 403, "{origin} {method}");
+        assert!(
+            denied
+                .headers()
+                .keys()
+                .all(|name| !name.as_str().starts_with("access-control-")),
+            "{:?}",
+            denied.headers()
+        );
+        let body: Value = denied.json().await.unwrap();
+        assert_eq!(body["error"], "cors_preflight_denied");
+    }
+
+    // Actual requests: CORS headers for an allowed origin only; security headers for all.
+    let from = |origin: &'static str| http.get(edge.url("/ok")).header("origin", origin).send();
+    let ok = from("https://kingdomstudios.app").await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        header(&ok, "access-control-allow-origin"),
+        Some("https://kingdomstudios.app")
+    );
+    assert_eq!(
+        header(&ok, "access-control-allow-credentials"),
+        Some("true")
+    );
+    assert_eq!(
+        header(&ok, "access-control-expose-headers"),
+        Some("x-request-id")
+    );
+    assert_eq!(header(&ok, "vary"), Some("origin"));
+    assert_eq!(
+        header(&ok, "content-security-policy"),
+        Some("default-src 'none'")
+    );
+    assert_eq!(header(&ok, "x-frame-options"), Some("DENY"));
+    let other = from("https://evil.example").await.unwrap();
+    assert_eq!(other.status(), 200);
+    assert_eq!(header(&other, "access-control-allow-origin"), None);
+    assert_eq!(header(&other, "vary"), Some("origin"));
+    // The edge's own answers are decorated like the upstream's.
+    let refused = http
+        .delete(edge.url("/ok"))
+        .header("origin", "https://eu.kingdomstudios.app")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 405);
+    assert_eq!(
+        header(&refused, "access-control-allow-origin"),
+        Some("https://eu.kingdomstudios.app")
+    );
+    assert_eq!(header(&refused, "x-content-type-options"), Some("nosniff"));
+
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            r#"kingdom_edge_rejected_total{reason="cors_preflight_denied",route="app"}"#
+        ),
+        2.0
     );
 }

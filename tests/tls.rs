@@ -79,6 +79,21 @@ routes: [{{ name: api, match: {{ path_prefix: /v1 }}, pool: api }}]
         .unwrap();
     assert_eq!(response.version(), reqwest::Version::HTTP_11);
     assert_eq!(response.status(), 200);
+    // Strict-Transport-Security on TLS listeners only, with the other security headers on
+    // both.
+    assert_eq!(
+        response.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    let plain = common::client()
+        .get(edge.url("/v1/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 200);
+    assert!(plain.headers().get("strict-transport-security").is_none());
+    assert_eq!(plain.headers()["x-content-type-options"], "nosniff");
 
     let status = edge.status().await;
     assert_eq!(status["listeners"][1]["tls"], true);

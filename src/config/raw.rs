@@ -133,6 +133,72 @@ pub struct RawServer {
     pub upgrade_socket: Option<PathBuf>,
     /// Where the process writes its pid. Default: none.
     pub pid_file: Option<PathBuf>,
+    /// Shedding by priority when too many requests are in flight. Default: none.
+    pub overload: Option<RawOverload>,
+    /// Security headers added to every response that lacks them. Default: see
+    /// [`RawSecurityHeaders`].
+    pub security_headers: Option<RawSecurityHeaders>,
+}
+
+/// `server.security_headers:` and `routes[].security_headers:`. Each value is the header's
+/// value, or `off` to send none; a route's keys override the server's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecurityHeaders {
+    /// On TLS listeners only. Default: `max-age=31536000`.
+    pub strict_transport_security: Option<String>,
+    /// Default: `nosniff`.
+    pub content_type_options: Option<String>,
+    /// Default: `DENY`.
+    pub frame_options: Option<String>,
+    /// Default: `strict-origin-when-cross-origin`.
+    pub referrer_policy: Option<String>,
+    /// Default: none.
+    pub content_security_policy: Option<String>,
+}
+
+/// `routes[].cors:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// `https://app.example.com`, `https://*.example.com` (any subdomain), or `*`.
+    pub origins: Vec<String>,
+    /// Methods a cross-origin request may use. Default: GET, HEAD, POST.
+    pub methods: Option<Vec<String>>,
+    /// Request headers it may send (`*`: any). Default: none beyond the CORS-safelisted.
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// Response headers its script may read. Default: none beyond the CORS-safelisted.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// Whether it may carry cookies and credentials. Default: false.
+    #[serde(default)]
+    pub credentials: bool,
+    /// How long a browser may cache a preflight answer. Default: not said (browser default).
+    pub max_age: Option<Dur>,
+}
+
+/// `server.overload:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverload {
+    /// Past this many requests in flight, `bulk` routes get 503.
+    pub shed_bulk_at: Option<u64>,
+    /// Past this many, `standard` routes too.
+    pub shed_standard_at: Option<u64>,
+    /// Past this many, every route.
+    pub max_in_flight: Option<u64>,
+    /// `retry-after` of a shed request. Default: 1s.
+    pub retry_after: Option<Dur>,
+}
+
+/// `routes[].priority:`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawPriority {
+    High,
+    Standard,
+    Bulk,
 }
 
 /// `server.request_limits:` and `routes[].request_limits:`; each key defaults to the
@@ -434,6 +500,16 @@ pub struct RawRoute {
     pub rate_limit: Option<Vec<String>>,
     /// Name of a `slow_down:` policy. Default: none.
     pub slow_down: Option<String>,
+    /// `high`, `standard` or `bulk`, for shedding. Default: standard.
+    pub priority: Option<RawPriority>,
+    /// Methods the route accepts (others get 405). Default: any.
+    pub methods: Option<Vec<String>>,
+    /// Media types a request body may have (others get 415). Default: any.
+    pub content_types: Option<Vec<String>>,
+    /// Security headers of this route, over `server.security_headers`. Default: the server's.
+    pub security_headers: Option<RawSecurityHeaders>,
+    /// Cross-origin requests, answered at the edge. Default: none (preflights go upstream).
+    pub cors: Option<RawCors>,
 }
 
 /// `routes[].match:`.

@@ -1,7 +1,8 @@
 //! Admission: what a route asks of a request before the request reaches its pool, one call
-//! from `request_filter`, in order: validate, authenticate, rate-limit, slow down, shed. Each
-//! step is a policy module's decision; this file only runs them in order and turns a
-//! refusal into the answer's status and headers.
+//! from `request_filter`, in order: a CORS preflight is answered, then the request is
+//! validated, authenticated, rate-limited and shed, and last comes how long the slow-down
+//! policy holds it. Each step is a policy module's decision; this file
+//! only runs them in order and turns a refusal into the answer's status and headers.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -9,11 +10,13 @@ use std::time::Duration;
 use http::header;
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
+use prometheus::IntCounter;
 
 use crate::errors::{Refusal, Rejection};
 use crate::ratelimit::gcra::Verdict;
 use crate::ratelimit::{key, seconds_up};
 use crate::route::Route;
+use crate::security::cors::Preflight;
 use crate::snapshot::Snapshot;
 use crate::token::Auth;
 
@@ -44,6 +47,24 @@ pub struct Now {
     pub nanos: u64,
 }
 
+/// How loaded the proxy is, for shedding.
+#[derive(Clone, Copy)]
+pub struct Load<'a> {
+    /// Requests in progress over all listeners, this one included.
+    pub in_flight: u64,
+    /// `kingdom_edge_shed_total{priority}`, by [`crate::shed::Priority::index`].
+    pub shed: &'a [IntCounter; 3],
+}
+
+/// What admission decided, short of a refusal.
+#[derive(Debug)]
+pub enum Admission {
+    /// A CORS preflight the edge answers 204 with these headers.
+    Preflight(Vec<(HeaderName, HeaderValue)>),
+    /// On to the pool.
+    Forward(Admitted),
+}
+
 /// Runs the route's admission policies on `req` from `client` at `now`.
 pub fn admit(
     snapshot: &Snapshot,
@@ -51,7 +72,16 @@ pub fn admit(
     req: &RequestHeader,
     client: Option<IpAddr>,
     now: Now,
-) -> Result<Admitted, Refusal> {
+    load: Load<'_>,
+) -> Result<Admission, Refusal> {
+    // A preflight first: it asks about the request to come, which is what the other steps
+    // judge, so it never reaches them.
+    match route.cors.as_ref().and_then(|cors| cors.preflight(req)) {
+        Some(Preflight::Allowed(headers)) => return Ok(Admission::Preflight(headers)),
+        Some(Preflight::Denied) => return Err(Rejection::CorsPreflightDenied.into()),
+        None => {}
+    }
+    route.validation.check(req)?;
     let user = authenticate(snapshot, route, req, now.unix)?;
     let keyed = key::Request {
         client,
@@ -60,15 +90,25 @@ pub fn admit(
         route: &route.name,
     };
     let rate_headers = rate_limit(snapshot, route, &keyed, now.nanos)?;
+    let overload = &snapshot.server.overload;
+    if overload.sheds(route.priority, load.in_flight) {
+        load.shed[route.priority.index()].inc();
+        let mut refusal =
+            Refusal::from(Rejection::Overloaded).retry_after(overload.retry_after.as_secs());
+        // A shed request was admitted by its rate limits: its answer says where they stand.
+        refusal.headers.extend(rate_headers);
+        return Err(refusal);
+    }
+    // Slowed down last: a request that waits is one that will be served.
     let delay = route.slow_down.map_or(Duration::ZERO, |id| {
         let policy = &snapshot.slow_downs[id];
         policy.hit(policy.key.key(&keyed, policy.ipv6_prefix), now.nanos)
     });
-    Ok(Admitted {
+    Ok(Admission::Forward(Admitted {
         user,
         rate_headers,
         delay,
-    })
+    }))
 }
 
 /// Runs the route's rate limits in order: the RateLimit headers of the enforced ones, or the

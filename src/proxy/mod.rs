@@ -6,9 +6,10 @@
 //! | `new_ctx`                  | take the config snapshot, count the request in flight       |
 //! | `early_request_filter`     | request id; target, path, host, framing, limits (`request`);|
 //! |                            | pipelining on; client address                               |
-//! | `request_filter`           | `OPTIONS *`; route (or 404) and its limits, body limit;     |
-//! |                            | admission (`admit`: validate, authenticate, rate-limit,     |
-//! |                            | slow down, shed); `100 Continue`, pool admission, sticky    |
+//! | `request_filter`           | `OPTIONS *`; route (or 404) and its head limits; admission  |
+//! |                            | (`admit`: CORS preflight, validate, authenticate,           |
+//! |                            | rate-limit, shed, slow down); `100 Continue`, pool          |
+//! |                            | admission, sticky pin                                       |
 //! | `request_body_filter`      | count body bytes against the route's `max_body` (413)       |
 //! | `upstream_peer`            | backoff before a retry; pick a backend (pin, balancer,      |
 //! |                            | panic mode) admitted by its breaker; set timeouts           |
@@ -16,14 +17,16 @@
 //! | `fail_to_connect`          | record the failure; retry (any method) if the budget allows |
 //! | `upstream_response_filter` | record the outcome; retry an idempotent 502/503/504         |
 //! | `error_while_proxy`        | record a reset or timeout; retry only replayable requests   |
-//! | `response_filter`          | drop hop-by-hop and `Server`; `x-request-id`, sticky cookie |
-//! | `fail_to_proxy`            | JSON error (4xx/5xx) with the request id                    |
+//! | `response_filter`          | drop hop-by-hop; `decorate` (request id, RateLimit,         |
+//! |                            | security and CORS headers; no `server`); sticky cookie      |
+//! | `fail_to_proxy`            | JSON error (4xx/5xx), decorated like any response           |
 //! | `logging`                  | metrics and one access-log line                             |
 //!
 //! Hop-by-hop request headers are stripped by Pingora's standard upstream request policy,
 //! which also forwards WebSocket upgrades.
 
 mod admit;
+mod decorate;
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +44,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use prometheus::IntGauge;
 
+use self::admit::Admission;
+use self::decorate::{decorate, Decoration};
 use crate::access_log::{self, AccessLog, Entry};
 use crate::balance::BackendId;
 use crate::errors::{self, Refusal, Rejection};
@@ -108,6 +113,8 @@ pub struct RequestCtx {
     user: Option<String>,
     /// Headers admission adds to the response (the RateLimit fields).
     admission_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Whether the client connection is TLS.
+    tls: bool,
     /// The backend a valid sticky cookie names.
     pin: Option<BackendId>,
     /// When the request's valid sticky cookie expires (Unix seconds).
@@ -165,6 +172,22 @@ impl RequestCtx {
 
     fn pool(&self) -> Option<&Pool> {
         self.route().map(|r| self.snapshot.pool(r.pool))
+    }
+
+    /// What decides the edge's headers on the answer to `req`.
+    fn decoration<'a>(&'a self, req: &'a RequestHeader) -> Decoration<'a> {
+        Decoration {
+            request_id: &self.request_id,
+            admission: &self.admission_headers,
+            security: self
+                .route()
+                .map_or(&self.snapshot.server.security_headers, |r| {
+                    &r.security_headers
+                }),
+            cors: self.route().and_then(|r| r.cors.as_ref()),
+            origin: req.headers.get(header::ORIGIN),
+            tls: self.tls,
+        }
     }
 
     fn attempts(&self) -> u32 {
@@ -286,6 +309,7 @@ impl ProxyHttp for EdgeProxy {
             pool_request: None,
             user: None,
             admission_headers: Vec::new(),
+            tls: self.tls,
             pin: None,
             pin_expires: None,
             tried: Vec::new(),
@@ -371,23 +395,21 @@ impl ProxyHttp for EdgeProxy {
         if let Err(rejection) = route.limits.check(&ctx.head_size) {
             return answer(session, ctx, rejection).await;
         }
-        let req = session.req_header();
-        let declared = req
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let too_large = matches!((route.max_body, declared), (Some(max), Some(len)) if len > max);
         let pool = snapshot.pool(route.pool);
-        if too_large {
-            return answer(session, ctx, Rejection::BodyTooLarge).await;
-        }
         let now = admit::Now {
             unix: unix_now(),
             nanos: crate::ratelimit::nanos(Instant::now()),
         };
         let client = ctx.forwarded.as_ref().map(|f| f.client_ip);
-        match admit::admit(&snapshot, route, session.req_header(), client, now) {
-            Ok(admitted) => {
+        let load = admit::Load {
+            in_flight: u64::try_from(self.metrics.in_flight.get()).unwrap_or(0),
+            shed: &self.metrics.shed,
+        };
+        match admit::admit(&snapshot, route, session.req_header(), client, now, load) {
+            Ok(Admission::Preflight(headers)) => {
+                return answer_preflight(session, ctx, headers).await;
+            }
+            Ok(Admission::Forward(admitted)) => {
                 ctx.user = admitted.user;
                 ctx.admission_headers = admitted.rate_headers;
                 if !admitted.delay.is_zero() {
@@ -422,7 +444,7 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<()> {
         // Chunked bodies declare no length: count what arrives.
         ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
-        match ctx.route().and_then(|r| r.max_body) {
+        match ctx.route().and_then(|r| r.validation.max_body) {
             Some(max) if ctx.body_bytes > max => reject(ctx, Rejection::BodyTooLarge),
             _ => Ok(()),
         }
@@ -645,12 +667,7 @@ impl ProxyHttp for EdgeProxy {
             session.set_keepalive(None);
         }
         strip_hop_by_hop(response);
-        response.remove_header(&header::SERVER);
-        response.remove_header("x-powered-by");
-        response.insert_header("x-request-id", &ctx.request_id)?;
-        for (name, value) in &ctx.admission_headers {
-            response.insert_header(name.clone(), value.clone())?;
-        }
+        decorate(response, &ctx.decoration(session.req_header()));
         if let (Some(choice), Some(pool)) = (ctx.choice, ctx.pool()) {
             if let (Some(sticky), Some(backend)) = (&pool.sticky, pool.backend(choice.id)) {
                 let now = unix_now();
@@ -762,9 +779,18 @@ impl ProxyHttp for EdgeProxy {
         };
         let request_id = request_id::choose(None);
         let body = rejection.body(&request_id);
-        let header = error_header(rejection, &[], &request_id, body.len()).ok()?;
-        self.store
-            .load()
+        let mut header = error_header(rejection, &[], &request_id, body.len()).ok()?;
+        let snapshot = self.store.load();
+        let decoration = Decoration {
+            request_id: &request_id,
+            admission: &[],
+            security: &snapshot.server.security_headers,
+            cors: None,
+            origin: None,
+            tls: self.tls,
+        };
+        decorate(&mut header, &decoration);
+        snapshot
             .unrouted
             .count_rejection(rejection.index(), rejection.code());
         Some((header, body))
@@ -966,7 +992,13 @@ fn error_header(
 /// Writes the JSON error for `rejection`, with the refusal's headers.
 async fn respond(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) -> Result<()> {
     let body = rejection.body(&ctx.request_id);
-    let header = error_header(rejection, &ctx.refusal_headers, &ctx.request_id, body.len())?;
+    let mut header = error_header(rejection, &ctx.refusal_headers, &ctx.request_id, body.len())?;
+    let mut decoration = ctx.decoration(session.req_header());
+    if rejection == Rejection::CorsPreflightDenied {
+        // A denied preflight carries no CORS header at all.
+        decoration.cors = None;
+    }
+    decorate(&mut header, &decoration);
     // The connection stays open only when nothing of the request is left unread and the
     // request was well-formed.
     let clean = session.is_body_empty()
@@ -1089,6 +1121,33 @@ fn route_request(
 }
 
 /// `OPTIONS *` asks what the server supports: the edge answers it.
+/// Answers an allowed CORS preflight: 204 with the route's CORS headers, decorated like
+/// any response; the upstream is not asked.
+async fn answer_preflight(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+) -> Result<bool> {
+    let mut header = ResponseHeader::build(204, Some(headers.len() + 6))?;
+    for (name, value) in headers {
+        header.append_header(name, value)?;
+    }
+    // The preflight's own CORS headers stand: the route's rules for an actual request do
+    // not apply to it.
+    let decoration = Decoration {
+        cors: None,
+        ..ctx.decoration(session.req_header())
+    };
+    decorate(&mut header, &decoration);
+    if !session.is_body_empty() {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), true)
+        .await?;
+    Ok(true)
+}
+
 async fn answer_options_asterisk(session: &mut Session, ctx: &RequestCtx) -> Result<bool> {
     let mut header = ResponseHeader::build(200, Some(4))?;
     header.insert_header(

@@ -19,6 +19,8 @@ use crate::ratelimit::slowdown::{self, SlowDown};
 use crate::ratelimit::{self, RateLimit};
 use crate::request::{ClientTimeouts, HeadLimits, Hygiene};
 use crate::route;
+use crate::security::SecurityHeaders;
+use crate::shed::Overload;
 use crate::sidecar::launch::Sidecar;
 use crate::tls::{CertificateFiles, TlsSettings};
 use crate::token;
@@ -170,9 +172,15 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
         errors.push("routes", "at least one route is needed");
     }
     let declared: Vec<&str> = raw.pools.keys().map(String::as_str).collect();
-    let limits = server
-        .as_ref()
-        .map_or_else(Default::default, |s| s.hygiene.limits);
+    let default_security = SecurityHeaders::default();
+    let inherited = route::Inherited {
+        limits: server
+            .as_ref()
+            .map_or_else(Default::default, |s| s.hygiene.limits),
+        security_headers: server
+            .as_ref()
+            .map_or(&default_security, |s| &s.security_headers),
+    };
     let rate_limits: Vec<RateLimit> = raw
         .rate_limits
         .iter()
@@ -188,7 +196,14 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
         rate_limits: &raw.rate_limits.keys().cloned().collect::<Vec<_>>(),
         slow_downs: &raw.slow_down.keys().cloned().collect::<Vec<_>>(),
     };
-    let router = route::compile(&raw.routes, &pools, &declared, &policies, limits, errors);
+    let router = route::compile(
+        &raw.routes,
+        &pools,
+        &declared,
+        &policies,
+        &inherited,
+        errors,
+    );
 
     let tokens = raw
         .tokens
@@ -346,6 +361,13 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
             defaults.tls_handshake,
         ),
     };
+    let overload = Overload::compile(s.overload.as_ref(), "server.overload", errors);
+    let security_headers = SecurityHeaders::compile(
+        s.security_headers.as_ref(),
+        None,
+        "server.security_headers",
+        errors,
+    );
     let hygiene = Hygiene {
         merge_slashes: s.merge_slashes.unwrap_or(true),
         limits,
@@ -359,6 +381,8 @@ fn compile_server(raw: &RawConfig, errors: &mut Errors) -> Option<ServerSettings
         hygiene,
         client_timeouts,
         max_connections,
+        overload,
+        security_headers,
         upgrade_socket,
         pid_file: s.pid_file.clone(),
         fingerprint: {

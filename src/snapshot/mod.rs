@@ -115,6 +115,11 @@ pub struct ServerSettings {
     pub client_timeouts: ClientTimeouts,
     /// Most client connections open at once; `None` is no cap.
     pub max_connections: Option<usize>,
+    /// When requests are shed, by priority.
+    pub overload: crate::shed::Overload,
+    /// Security headers of responses that match no route (routes compile their own over
+    /// these).
+    pub security_headers: crate::security::SecurityHeaders,
     /// The unix socket a new process takes the listening sockets over by.
     pub upgrade_socket: PathBuf,
     /// Where the process writes its pid; `None` writes none.
