@@ -41,7 +41,7 @@ pub struct RawRateLimit {
     /// Requests per `per`.
     pub limit: u32,
     pub per: Dur,
-    /// Requests that may come at once. Default: 1.
+    /// Requests that may come at once. Default: `limit`.
     pub burst: Option<u32>,
     /// `enforce` or `shadow`. Default: enforce.
     pub mode: Option<RawLimitMode>,

@@ -3,10 +3,15 @@
 //!
 //! With `limit` per `per`, requests are due one every `T = per / limit`; `burst` of them may
 //! come at once (tolerance `τ = (burst − 1) × T`). A request at `now` is admitted when
-//! `TAT − τ ≤ now`, and then `TAT = max(TAT, now) + T`. So with `burst: 1` (the default)
-//! admitted requests are at least `T` apart and at most `limit` fall in any window of `per`;
-//! with a burst `b`, `b` pass at once and one more every `T`, at most `limit + b − 1` in any
-//! window of `per`. Time is nanoseconds on a monotonic clock, passed in.
+//! `TAT − τ ≤ now`, and then `TAT = max(TAT, now) + T`. This is a token bucket of `burst`
+//! tokens refilled one every `T`, with exact arithmetic. Its two guarantees:
+//! - with `burst ≥ limit` (the policies' default is `burst = limit`), a client that sends at
+//!   most `limit` requests in any window of `per` is never refused;
+//! - at most `limit + burst − 1` requests pass in any window of `per`, and `limit` per `per`
+//!   sustained. With `burst: 1`, requests are spaced at least `T` apart and at most `limit`
+//!   pass in any window of `per`.
+//!
+//! Time is nanoseconds on a monotonic clock, passed in.
 
 /// One policy's rate, in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,18 +114,67 @@ mod tests {
         assert_eq!(run(gcra, &spaced), [true; 6], "one every 180 s, for ever");
         // However a client spaces them, no 15-minute window ever holds a sixth.
         let times: Vec<f64> = (0..2000).map(|i| i as f64 * 1.7).collect();
-        let admitted: Vec<f64> = times
+        assert_eq!(most_in_a_window(&admitted(gcra, &times), 900.0), 5);
+    }
+
+    /// Admission times (seconds) of a client sending at `times`.
+    fn admitted(gcra: Gcra, times: &[f64]) -> Vec<f64> {
+        times
             .iter()
-            .zip(run(gcra, &times))
+            .zip(run(gcra, times))
             .filter_map(|(t, ok)| ok.then_some(*t))
-            .collect();
-        for start in &admitted {
-            let in_window = admitted
-                .iter()
-                .filter(|t| **t >= *start && **t < start + 900.0)
-                .count();
-            assert!(in_window <= 5, "{in_window} from {start}");
+            .collect()
+    }
+
+    /// The most admissions in any window of `per` seconds.
+    fn most_in_a_window(admitted: &[f64], per: f64) -> usize {
+        admitted
+            .iter()
+            .map(|start| {
+                admitted
+                    .iter()
+                    .filter(|t| **t >= *start && **t < start + per)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn with_burst_equal_to_limit_a_client_within_the_limit_is_never_refused() {
+        // 5 per 15 minutes, 5 at once: a client that never sends a sixth request within
+        // 900 s of five others passes every time, however it bunches them.
+        let gcra = Gcra::new(5, 900 * S, 5);
+        let patterns: [&[f64]; 4] = [
+            &[0.0, 0.0, 0.0, 0.0, 0.0, 900.0, 900.0, 900.0, 900.0, 900.0],
+            &[
+                0.0, 899.0, 899.0, 899.0, 899.0, 1799.0, 1799.0, 1799.0, 1799.0, 1799.0,
+            ],
+            &[10.0, 20.0, 30.0, 930.0, 931.0, 932.0, 1810.0],
+            &[
+                0.0, 300.0, 300.0, 600.0, 600.0, 900.0, 1200.0, 1200.0, 1500.0, 1500.0,
+            ],
+        ];
+        for times in patterns {
+            assert!(most_in_a_window(times, 900.0) <= 5, "{times:?}");
+            assert_eq!(run(gcra, times), vec![true; times.len()], "{times:?}");
         }
+        // After five at once, the sixth is due T = 180 s later, to the nanosecond.
+        let five_then = |t: u64| {
+            let mut tat = None;
+            for _ in 0..5 {
+                tat = gcra.decide(tat, 0).1;
+            }
+            matches!(gcra.decide(tat, t).0, Verdict::Allow { .. })
+        };
+        assert!(!five_then(180 * S - 1));
+        assert!(five_then(180 * S), "one is back after T = 180 s");
+        // An attacker sending all the time gets `limit + burst - 1` in its first window and
+        // `limit` per window after that.
+        let flood: Vec<f64> = (0..3600).map(|i| i as f64).collect();
+        let passed = admitted(gcra, &flood);
+        assert_eq!(most_in_a_window(&passed, 900.0), 9);
+        assert_eq!(passed.len(), 5 + 3599 / 180);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! routes.
 //!
 //! A rate limit is a GCRA bucket per key ([`gcra`]): `limit` per `per`, `burst` at once
-//! (default 1: requests spaced `per / limit` apart, so at most `limit` in any window of
-//! `per`). Over it, the request gets 429 with `retry-after`; in `mode: shadow` it is only
+//! (default `limit`: a client that sends at most `limit` in any window of `per` is never
+//! refused; `burst: 1` spaces requests `per / limit` apart, at most `limit` in any window).
+//! Over it, the request gets 429 with `retry-after`; in `mode: shadow` it is only
 //! counted and logged. Buckets live in a [`BucketStore`]: here an in-memory, sharded,
 //! bounded table per policy ([`Buckets`]), kept across reloads that leave the policy's
 //! definition as it was (see `live`). A shared store (Redis) can take the same trait.
@@ -204,7 +205,7 @@ pub fn compile(
             format!("must be at least 1s (got {per:?})"),
         );
     }
-    let burst = raw.burst.unwrap_or(1);
+    let burst = raw.burst.unwrap_or(raw.limit);
     if burst == 0 {
         errors.push(format!("{path}.burst"), "must be > 0 (got 0)");
     }
@@ -295,7 +296,7 @@ mod tests {
         assert!(errors.is_empty());
         assert_eq!(
             (policy.burst, policy.mode, policy.ipv6_prefix),
-            (1, Mode::Enforce, 64)
+            (5, Mode::Enforce, 64)
         );
         assert_eq!(policy.max_keys, DEFAULT_MAX_KEYS);
         assert_eq!(policy.policy_item, "\"auth\";q=5;w=900");
