@@ -607,3 +607,134 @@ async fn cors_preflights_are_answered_at_the_edge_and_responses_decorated_per_or
         2.0
     );
 }
+
+/// `conf/edge.yaml` as shipped, with each loopback port moved to a free one.
+fn shipped_config_on_free_ports() -> (String, std::net::SocketAddr, std::net::SocketAddr) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
+    let mut yaml = std::fs::read_to_string(path).unwrap();
+    let mut ports: Vec<u16> = Vec::new();
+    for found in yaml.match_indices("127.0.0.1:") {
+        let digits: String = yaml[found.0 + 10..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let port: u16 = digits.parse().unwrap();
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    let free = free_ports(ports.len());
+    for (old, new) in ports.iter().zip(&free) {
+        yaml = yaml.replace(&format!("127.0.0.1:{old}"), &format!("127.0.0.1:{new}"));
+    }
+    let moved = |old: u16| addr(free[ports.iter().position(|p| *p == old).unwrap()]);
+    (yaml, moved(8080), moved(9090))
+}
+
+#[tokio::test]
+async fn the_default_config_enforces_the_platforms_limits_with_exact_headers() {
+    let (yaml, proxy, admin) = shipped_config_on_free_ports();
+    let edge = Edge::start_ready(&yaml, proxy, admin).await;
+    let http = client();
+
+    // Login: 5 in any 15 minutes per client, all at once if it likes; the sixth is due
+    // 180 s (15 min / 5) after the first.
+    let login = || {
+        http.post(edge.url("/v1/auth/token"))
+            .json(&json!({ "user_id": "ada" }))
+            .send()
+    };
+    let mut token = String::new();
+    let first = std::time::Instant::now();
+    for remaining in (0..5).rev() {
+        let ok = login().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        assert_eq!(header(&ok, "ratelimit-policy"), Some("\"auth\";q=5;w=900"));
+        let status = header(&ok, "ratelimit").unwrap().to_string();
+        assert!(
+            status.starts_with(&format!("\"auth\";r={remaining};t=")),
+            "{status}"
+        );
+        let issued: Value = ok.json().await.unwrap();
+        token = issued["token"].as_str().unwrap().to_string();
+    }
+    let limited = login().await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert_retry_after(&limited, 180, first);
+    assert_eq!(header(&limited, "x-content-type-options"), Some("nosniff"));
+
+    // Generation: 50 in 5 minutes per user; another user, or no token (the client's
+    // address), has a budget of its own.
+    let generate = |token: Option<&str>| {
+        let mut request = http
+            .post(edge.url("/v1/content/generate"))
+            .json(&json!({ "type": "blog_post", "topic": "limits" }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let first = std::time::Instant::now();
+    for i in 0..50 {
+        let answer = generate(Some(&token)).await.unwrap();
+        assert_eq!(answer.status(), 200, "request {i}");
+        assert_eq!(
+            header(&answer, "ratelimit-policy"),
+            Some("\"generate\";q=50;w=300")
+        );
+    }
+    let limited = generate(Some(&token)).await.unwrap();
+    assert_eq!(limited.status(), 429);
+    // The 51st is due 6 s (5 min / 50) after the first.
+    assert_retry_after(&limited, 6, first);
+    assert_eq!(generate(None).await.unwrap().status(), 200);
+    assert_eq!(
+        generate(Some("forged.token")).await.unwrap().status(),
+        401,
+        "a token must be valid to name a user"
+    );
+
+    // The API: 1,000 per 15 minutes, slowed down past 500; answers carry the policy.
+    let api = http.get(edge.url("/v1/echo")).send().await.unwrap();
+    assert_eq!(api.status(), 200);
+    assert_eq!(
+        header(&api, "ratelimit-policy"),
+        Some("\"api\";q=1000;w=900")
+    );
+    assert_eq!(
+        header(&api, "content-security-policy"),
+        Some("default-src 'none'; frame-ancestors 'none'")
+    );
+
+    // Only POST with JSON reaches login.
+    let get = http.get(edge.url("/v1/auth/token")).send().await.unwrap();
+    assert_eq!(get.status(), 405);
+    assert_eq!(header(&get, "allow"), Some("POST"));
+    let form = http
+        .post(edge.url("/v1/auth/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("user_id=ada")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 415);
+
+    // A browser on a regional front end may log in; one elsewhere may not.
+    let preflight = |origin: &'static str| {
+        http.request(reqwest::Method::OPTIONS, edge.url("/v1/auth/token"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    let eu = preflight("https://eu.kingdomstudios.app").await.unwrap();
+    assert_eq!(eu.status(), 204);
+    assert_eq!(
+        header(&eu, "access-control-allow-origin"),
+        Some("https://eu.kingdomstudios.app")
+    );
+    assert_eq!(
+        preflight("https://evil.example").await.unwrap().status(),
+        403
+    );
+}
