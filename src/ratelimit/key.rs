@@ -75,6 +75,8 @@ impl KeySource {
             KeySource::User => req.user.map(str::as_bytes),
             KeySource::Route => Some(req.route.as_bytes()),
         };
+        // An empty value is no value: it must not pool everyone who sends one.
+        let value = value.map(<[u8]>::trim_ascii).filter(|v| !v.is_empty());
         match value {
             // Tagged, so a header value can never collide with an address.
             Some(value) => hash(b'v', value),
@@ -170,6 +172,14 @@ mod tests {
             "the header, wherever it comes from"
         );
         assert_ne!(key("cookie:session", &with, "203.0.113.7", None), ip);
+        let empty = request(&[("x-api-key", " "), ("cookie", "session=")]);
+        for source in ["header:x-api-key", "cookie:session"] {
+            assert_eq!(
+                key(source, &empty, "203.0.113.7", None),
+                ip,
+                "an empty {source}: the address"
+            );
+        }
         assert_eq!(
             key("user", &bare, "203.0.113.7", None),
             ip,

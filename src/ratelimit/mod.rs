@@ -92,8 +92,9 @@ pub trait BucketStore: Send + Sync {
 pub struct Tat(u64);
 
 impl Idle for Tat {
-    fn is_idle(&self, now: u64) -> bool {
-        Gcra::is_idle(self.0, now)
+    fn idle_at(&self) -> u64 {
+        // `Gcra::is_idle`: a bucket is as good as unused once its TAT has passed.
+        self.0
     }
 }
 
@@ -204,6 +205,11 @@ pub fn compile(
             format!("{path}.per"),
             format!("must be at least 1s (got {per:?})"),
         );
+    } else if per.subsec_nanos() != 0 {
+        errors.push(
+            format!("{path}.per"),
+            format!("must be whole seconds (got {per:?}): the RateLimit headers count in seconds"),
+        );
     }
     let burst = raw.burst.unwrap_or(raw.limit);
     if burst == 0 {
@@ -308,6 +314,13 @@ mod tests {
         assert!(got
             .iter()
             .any(|e| e.starts_with("rate_limits.x.key: `ip` is not a key")));
+        let mut errors = Errors::default();
+        let fraction = raw("{ key: client_ip, limit: 3, per: 1500ms }");
+        assert!(compile("y", &fraction, "rate_limits.y", &mut errors).is_none());
+        assert_eq!(
+            errors.rendered(),
+            ["rate_limits.y.per: must be whole seconds (got 1.5s): the RateLimit headers count in seconds"]
+        );
     }
 
     #[test]

@@ -48,8 +48,8 @@ pub struct Window {
 }
 
 impl Idle for Window {
-    fn is_idle(&self, now: u64) -> bool {
-        now >= self.end
+    fn idle_at(&self) -> u64 {
+        self.end
     }
 }
 

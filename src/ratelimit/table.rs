@@ -1,7 +1,9 @@
 //! A bounded table of per-key state, sharded so that no lock is global: a request locks one
 //! of [`SHARDS`] small maps for a few instructions. Keys are 64-bit hashes of the client's
 //! key (its value never stays in memory, however long). At `capacity`, a new key evicts
-//! one other of its shard; [`Table::sweep`] drops the idle ones.
+//! the entry of its shard nearest to idle among a few sampled, so a flood of new keys
+//! pushes out fresh buckets, not the spent bucket of a client being limited;
+//! [`Table::sweep`] drops the idle ones.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,10 +12,18 @@ use std::sync::{Mutex, MutexGuard};
 /// Shards per table.
 pub const SHARDS: usize = 64;
 
+/// Entries sampled to choose the one a new key evicts.
+const EVICTION_SAMPLE: usize = 8;
+
 /// Per-key state that can tell when it is as good as absent.
 pub trait Idle {
+    /// When (nanoseconds) keeping this entry stops changing anything.
+    fn idle_at(&self) -> u64;
+
     /// Whether keeping this entry changes nothing at `now` (nanoseconds).
-    fn is_idle(&self, now: u64) -> bool;
+    fn is_idle(&self, now: u64) -> bool {
+        self.idle_at() <= now
+    }
 }
 
 /// A bounded, sharded map from key hashes to `V`.
@@ -46,8 +56,14 @@ impl<V: Idle> Table<V> {
                 if !shard.contains_key(&key) {
                     if shard.len() >= self.per_shard {
                         // Full of keys in use: one goes (an attack of many keys must not
-                        // grow memory; the evicted key starts afresh).
-                        if let Some(victim) = shard.keys().next().copied() {
+                        // grow memory; the evicted key starts afresh), the one nearest to
+                        // idle of a sample, whose loss matters least.
+                        let victim = shard
+                            .iter()
+                            .take(EVICTION_SAMPLE)
+                            .min_by_key(|(_, value)| value.idle_at())
+                            .map(|(key, _)| *key);
+                        if let Some(victim) = victim {
                             shard.remove(&victim);
                             self.len.fetch_sub(1, Ordering::Relaxed);
                             self.evicted.fetch_add(1, Ordering::Relaxed);
@@ -106,8 +122,8 @@ mod tests {
     use super::*;
 
     impl Idle for u64 {
-        fn is_idle(&self, now: u64) -> bool {
-            *self <= now
+        fn idle_at(&self) -> u64 {
+            *self
         }
     }
 
@@ -129,6 +145,23 @@ mod tests {
         assert!(held <= 10_000, "{held} keys held");
         assert!(held >= 9_000, "the table is used: {held}");
         assert_eq!(table.evicted(), 1_000_000 - held);
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_evicts_fresh_entries_not_a_spent_one() {
+        // 16 keys per shard; the limited client's entry stays busy for long.
+        let table: Table<u64> = Table::new(16 * SHARDS);
+        let limited = hash(u64::MAX);
+        table.update(limited, |_| ((), Some(1_000_000)));
+        for i in 0..100_000u64 {
+            table.update(hash(i), |_| ((), Some(10 + i % 7)));
+        }
+        assert!(table.evicted() > 90_000);
+        assert_eq!(
+            table.update(limited, |v| (v.copied(), v.copied())),
+            Some(1_000_000),
+            "the spent bucket survived the flood"
+        );
     }
 
     #[test]
