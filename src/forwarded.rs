@@ -30,8 +30,10 @@ impl TrustedProxies {
         Self(nets)
     }
 
-    /// Whether a peer at `ip` may tell us who the client is.
+    /// Whether a peer at `ip` may tell us who the client is (an IPv4-mapped IPv6 address
+    /// as the IPv4 address it is).
     pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         self.0.iter().any(|net| net.contains(&ip))
     }
 }
@@ -65,13 +67,16 @@ pub struct Incoming<'a> {
     pub forwarded_host: Option<&'a str>,
 }
 
-/// Decides the client address and forwarding headers.
+/// Decides the client address and forwarding headers. Addresses are canonical: an IPv4
+/// client of a dual-stack (`[::]`) listener, `::ffff:a.b.c.d`, is `a.b.c.d`, for the
+/// trusted proxies, the rate-limit keys and the upstream alike.
 pub fn resolve(req: &Incoming<'_>, trusted: &TrustedProxies) -> Forwarded {
     let own_proto = if req.tls { "https" } else { "http" };
-    if !trusted.contains(req.peer) {
+    let peer = req.peer.to_canonical();
+    if !trusted.contains(peer) {
         return Forwarded {
-            client_ip: req.peer,
-            for_chain: req.peer.to_string(),
+            client_ip: peer,
+            for_chain: peer.to_string(),
             proto: own_proto.to_string(),
             host: req.host.map(str::to_string),
         };
@@ -86,7 +91,10 @@ pub fn resolve(req: &Incoming<'_>, trusted: &TrustedProxies) -> Forwarded {
                 .collect()
         })
         .unwrap_or_default();
-    let parsed: Option<Vec<IpAddr>> = hops.iter().map(|h| h.parse().ok()).collect();
+    let parsed: Option<Vec<IpAddr>> = hops
+        .iter()
+        .map(|h| h.parse().ok().map(|ip: IpAddr| ip.to_canonical()))
+        .collect();
     let client_ip = match parsed {
         Some(ips) => ips
             .iter()
@@ -94,15 +102,15 @@ pub fn resolve(req: &Incoming<'_>, trusted: &TrustedProxies) -> Forwarded {
             .find(|ip| !trusted.contains(**ip))
             .or(ips.first())
             .copied()
-            .unwrap_or(req.peer),
+            .unwrap_or(peer),
         // A garbled chain from a trusted proxy: do not guess, use the peer.
-        None => req.peer,
+        None => peer,
     };
     let mut for_chain = hops.join(", ");
     if !for_chain.is_empty() {
         for_chain.push_str(", ");
     }
-    for_chain.push_str(&req.peer.to_string());
+    for_chain.push_str(&peer.to_string());
     Forwarded {
         client_ip,
         for_chain,
@@ -164,5 +172,20 @@ mod tests {
         assert_eq!(f.for_chain, "10.0.0.2");
         let f = resolve(&incoming("10.0.0.2", Some("not-an-ip")), &server());
         assert_eq!(f.client_ip.to_string(), "10.0.0.2");
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_are_ipv4() {
+        // A `[::]` listener sees IPv4 peers as `::ffff:a.b.c.d`.
+        let f = resolve(&incoming("::ffff:203.0.113.9", None), &server());
+        assert_eq!(f.client_ip.to_string(), "203.0.113.9");
+        assert_eq!(f.for_chain, "203.0.113.9");
+        // The IPv4 trusted proxy is trusted, and a mapped hop in its chain is IPv4 too.
+        let f = resolve(
+            &incoming("::ffff:10.0.0.2", Some("::ffff:198.51.100.7")),
+            &server(),
+        );
+        assert_eq!(f.client_ip.to_string(), "198.51.100.7");
+        assert_eq!(f.for_chain, "::ffff:198.51.100.7, 10.0.0.2");
     }
 }

@@ -19,6 +19,8 @@ pub struct Metrics {
     upstream: IntCounterVec,
     /// Requests being processed right now, across all listeners.
     pub in_flight: IntGauge,
+    /// Of those, the ones a slow-down policy holds back (not counted for shedding).
+    pub slow_down_waiting: IntGauge,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
     sidecar_restarts: IntCounterVec,
@@ -122,6 +124,11 @@ impl Metrics {
         .expect("static metric definition");
         let in_flight = IntGauge::new("kingdom_edge_in_flight", "Requests in progress.")
             .expect("static metric definition");
+        let slow_down_waiting = IntGauge::new(
+            "kingdom_edge_slow_down_waiting",
+            "Requests in progress that a slow-down policy is holding back.",
+        )
+        .expect("static metric definition");
         let access_log_dropped = IntCounter::new(
             "kingdom_edge_access_log_dropped_total",
             "Access-log lines dropped because the writer could not keep up.",
@@ -256,6 +263,7 @@ impl Metrics {
             Box::new(duration.clone()),
             Box::new(upstream.clone()),
             Box::new(in_flight.clone()),
+            Box::new(slow_down_waiting.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(sidecar_restarts.clone()),
             Box::new(backend_healthy.clone()),
@@ -281,6 +289,7 @@ impl Metrics {
             duration,
             upstream,
             in_flight,
+            slow_down_waiting,
             access_log_dropped,
             sidecar_restarts,
             backend_healthy,

@@ -18,7 +18,7 @@ use crate::security::SecurityHeaders;
 use crate::shed::Priority;
 use crate::token::Auth;
 use crate::upstream::Pool;
-use crate::validation::{parse_methods, Validation};
+use crate::validation::{accepted_methods, Validation};
 
 /// Index of a route in its snapshot's [`Router::routes`].
 pub type RouteId = usize;
@@ -249,7 +249,7 @@ pub fn compile(
             }
         }
 
-        let methods = parse_methods(
+        let methods = accepted_methods(
             route.matcher.methods.as_deref(),
             &format!("{at}.match.methods"),
             errors,

@@ -1,6 +1,7 @@
 //! What a route accepts (`routes[].methods`, `routes[].max_body`, `routes[].content_types`):
 //! another method gets 405 with `allow`, a declared body over `max_body` 413, a request body
-//! of another media type 415. (The edge's framing, head limits and timeouts are request
+//! of another media type 415 (and one with several `content-type` fields 400). A route that
+//! accepts GET accepts HEAD, which is GET without the body (RFC 9110 §9.3.2). (The edge's framing, head limits and timeouts are request
 //! hygiene's, in `request`; a chunked body over `max_body` is counted as it arrives.)
 
 use http::{header, HeaderValue, Method};
@@ -48,7 +49,7 @@ impl Validation {
         if methods.is_some_and(<[String]>::is_empty) {
             errors.push(format!("{at}.methods"), "must list at least one method");
         }
-        let methods = parse_methods(methods, &format!("{at}.methods"), errors);
+        let methods = accepted_methods(methods, &format!("{at}.methods"), errors);
         let max_body = max_body.map(|size| size.0);
         if max_body == Some(0) {
             errors.push(format!("{at}.max_body"), "must be > 0 (got 0B)");
@@ -74,8 +75,9 @@ impl Validation {
         Self::new(methods, max_body, ranges)
     }
 
-    /// Checks `req` against the rules.
-    pub fn check(&self, req: &RequestHeader) -> Result<(), Refusal> {
+    /// Checks `req` against the rules; `has_body` says whether a body follows its head (an
+    /// HTTP/2 request may send one without `content-length`).
+    pub fn check(&self, req: &RequestHeader, has_body: bool) -> Result<(), Refusal> {
         if !self.methods.is_empty() && !self.methods.contains(&req.method) {
             let refusal = Refusal::from(Rejection::MethodNotAllowed);
             return Err(match &self.allow {
@@ -88,18 +90,20 @@ impl Validation {
                 return Err(Rejection::BodyTooLarge.into());
             }
         }
-        if !self.content_types.is_empty() && has_body(req) {
-            let media_type = req
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| {
-                    v.split(';')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .to_ascii_lowercase()
-                });
+        if !self.content_types.is_empty() && has_body {
+            let mut fields = req.headers.get_all(header::CONTENT_TYPE).iter();
+            let (first, more) = (fields.next(), fields.next().is_some());
+            if more {
+                // Which one would the upstream read? Not a question to leave to it.
+                return Err(Rejection::BadRequest("more than one content-type field").into());
+            }
+            let media_type = first.and_then(|v| v.to_str().ok()).map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
             let accepted =
                 media_type.is_some_and(|t| self.content_types.iter().any(|r| covers(r, &t)));
             if !accepted {
@@ -125,16 +129,21 @@ pub fn parse_methods(names: Option<&[String]>, at: &str, errors: &mut Errors) ->
     methods
 }
 
+/// The methods a route accepts, from their names at YAML path `at`: GET brings HEAD along.
+pub fn accepted_methods(names: Option<&[String]>, at: &str, errors: &mut Errors) -> Vec<Method> {
+    let mut methods = parse_methods(names, at, errors);
+    if let Some(get) = methods.iter().position(|m| m == Method::GET) {
+        if !methods.contains(&Method::HEAD) {
+            methods.insert(get + 1, Method::HEAD);
+        }
+    }
+    methods
+}
+
 /// The request's `content-length`, when it has a valid one.
 fn declared_length(req: &RequestHeader) -> Option<u64> {
     let value = req.headers.get(header::CONTENT_LENGTH)?.to_str().ok()?;
     value.trim().parse().ok()
-}
-
-/// Whether the request says it has a body (a non-zero length, or a transfer coding).
-fn has_body(req: &RequestHeader) -> bool {
-    declared_length(req).is_some_and(|n| n > 0)
-        || req.headers.contains_key(header::TRANSFER_ENCODING)
 }
 
 /// Whether media range `range` (`type/subtype`, `type/*`, `*/*`) covers `media_type`.
@@ -173,6 +182,14 @@ mod tests {
         req
     }
 
+    /// Checks a request whose body is announced as HTTP/1.1 does (a non-zero length, or a
+    /// transfer coding).
+    fn check(rules: &Validation, req: &RequestHeader) -> Result<(), Refusal> {
+        let length = declared_length(req).unwrap_or(0);
+        let has_body = length > 0 || req.headers.contains_key(header::TRANSFER_ENCODING);
+        rules.check(req, has_body)
+    }
+
     #[test]
     fn other_methods_get_405_with_allow_and_other_bodies_415() {
         let rules = Validation::new(
@@ -180,25 +197,25 @@ mod tests {
             Some(1024),
             vec!["application/json".into(), "text/*".into()],
         );
-        assert!(rules.check(&request("GET", &[])).is_ok());
-        let refused = rules.check(&request("DELETE", &[])).unwrap_err();
+        assert!(check(&rules, &request("GET", &[])).is_ok());
+        let refused = check(&rules, &request("DELETE", &[])).unwrap_err();
         assert_eq!(refused.rejection, Rejection::MethodNotAllowed);
         assert_eq!(refused.headers[0].1, "GET, POST");
         let json = [
             ("content-type", "Application/JSON; charset=utf-8"),
             ("content-length", "2"),
         ];
-        assert!(rules.check(&request("POST", &json)).is_ok());
+        assert!(check(&rules, &request("POST", &json)).is_ok());
         let text = [
             ("content-type", "text/plain"),
             ("transfer-encoding", "chunked"),
         ];
-        assert!(rules.check(&request("POST", &text)).is_ok());
+        assert!(check(&rules, &request("POST", &text)).is_ok());
         for headers in [
             &[("content-type", "application/xml"), ("content-length", "5")][..],
             &[("content-length", "5")][..],
         ] {
-            let refused = rules.check(&request("POST", headers)).unwrap_err();
+            let refused = check(&rules, &request("POST", headers)).unwrap_err();
             assert_eq!(
                 refused.rejection,
                 Rejection::UnsupportedMediaType,
@@ -206,19 +223,49 @@ mod tests {
             );
         }
         // No body, no media type to check.
-        assert!(rules
-            .check(&request("POST", &[("content-length", "0")]))
-            .is_ok());
-        assert!(Validation::default().check(&request("PATCH", &[])).is_ok());
+        assert!(check(&rules, &request("POST", &[("content-length", "0")])).is_ok());
+        assert!(check(&Validation::default(), &request("PATCH", &[])).is_ok());
         // Method first, then size, then media type.
         let big = [
             ("content-type", "application/xml"),
             ("content-length", "1025"),
         ];
-        let refused = rules.check(&request("PUT", &big)).unwrap_err();
+        let refused = check(&rules, &request("PUT", &big)).unwrap_err();
         assert_eq!(refused.rejection, Rejection::MethodNotAllowed);
-        let refused = rules.check(&request("POST", &big)).unwrap_err();
+        let refused = check(&rules, &request("POST", &big)).unwrap_err();
         assert_eq!(refused.rejection, Rejection::BodyTooLarge);
+    }
+
+    #[test]
+    fn head_goes_with_get_and_a_body_is_checked_however_it_is_framed() {
+        let mut errors = Errors::default();
+        let names = ["GET".to_string(), "POST".to_string()];
+        let types = ["application/json".to_string()];
+        let rules = Validation::compile(Some(&names), None, Some(&types), "r", &mut errors);
+        assert!(errors.is_empty());
+        assert!(check(&rules, &request("HEAD", &[])).is_ok());
+        let refused = check(&rules, &request("PUT", &[])).unwrap_err();
+        assert_eq!(refused.headers[0].1, "GET, HEAD, POST");
+        // An HTTP/2 body needs no content-length: the caller says a body follows.
+        let unlabelled = request("POST", &[]);
+        assert!(rules.check(&unlabelled, false).is_ok());
+        let refused = rules.check(&unlabelled, true).unwrap_err();
+        assert_eq!(refused.rejection, Rejection::UnsupportedMediaType);
+        let json = request("POST", &[("content-type", "application/json")]);
+        assert!(rules.check(&json, true).is_ok());
+        // Two media types: which one the upstream reads is not left to chance.
+        let two = request(
+            "POST",
+            &[
+                ("content-type", "application/json"),
+                ("content-type", "text/html"),
+            ],
+        );
+        let refused = rules.check(&two, true).unwrap_err();
+        assert_eq!(
+            refused.rejection,
+            Rejection::BadRequest("more than one content-type field")
+        );
     }
 
     #[test]

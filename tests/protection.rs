@@ -62,7 +62,8 @@ async fn tokens_are_verified_at_the_edge_and_only_their_subject_reaches_the_upst
     let echo = |token: Option<&str>| {
         let mut request = http
             .get(edge.url("/v1/echo"))
-            .header("x-user-id", "mallory");
+            .header("x-user-id", "mallory")
+            .header("x_user_id", "mallory");
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -73,6 +74,21 @@ async fn tokens_are_verified_at_the_edge_and_only_their_subject_reaches_the_upst
     assert_eq!(response.status(), 200);
     let seen: Value = response.json().await.unwrap();
     assert_eq!(seen["headers"]["x-user-id"], json!(["ada"]), "{seen}");
+    assert!(seen["headers"].get("x_user_id").is_none(), "{seen}");
+
+    // Two credentials: which would the upstream read? Neither; the request is invalid.
+    let two = http
+        .get(edge.url("/v1/echo"))
+        .header("authorization", format!("Bearer {good}"))
+        .header("authorization", "Bearer not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(two.status(), 400);
+    assert!(two.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_request"));
 
     let missing = echo(None).await.unwrap();
     assert_eq!(missing.status(), 401);
@@ -131,23 +147,45 @@ async fn tokens_are_verified_at_the_edge_and_only_their_subject_reaches_the_upst
         .unwrap();
     assert!(open["headers"].get("x-user-id").is_none(), "{open}");
 
-    let metrics = edge.metrics().await;
+    assert_rejected(&edge, "private", "unauthorized", 5.0).await;
+}
+
+/// Checks `kingdom_edge_rejected_total{route,reason}`.
+async fn assert_rejected(edge: &Edge, route: &str, reason: &str, count: f64) {
+    let series = format!(r#"kingdom_edge_rejected_total{{reason="{reason}",route="{route}"}}"#);
     assert_eq!(
-        common::metric(
-            &metrics,
-            r#"kingdom_edge_rejected_total{reason="unauthorized",route="private"}"#
-        ),
-        5.0
+        common::metric(&edge.metrics().await, &series),
+        count,
+        "{series}"
     );
 }
 
 /// A proxy in front of one fake upstream `a` (routes `/`), with `sections` (top-level YAML)
 /// and `route_extra` added to the route.
 async fn limited_edge(sections: &str, route_extra: &str) -> (Edge, String) {
+    let routes = format!("  - {{ name: open, match: {{ path_prefix: /public }}, pool: app }}\n  - {{ name: app, match: {{ path_prefix: / }}, pool: app{route_extra} }}\n");
+    app_edge("127.0.0.1", "", sections, &routes).await
+}
+
+/// A proxy listening on `bind` (an IP address) with the listener's `extra` keys, in front of
+/// one fake upstream `a` (pool `app`), with `sections` (top-level YAML) and `routes` (list
+/// entries, one per line); and its config.
+async fn app_edge(bind: &str, extra: &str, sections: &str, routes: &str) -> (Edge, String) {
     let a = common::fake_upstream("a").await;
+    edge_for(a, bind, extra, sections, routes).await
+}
+
+/// [`app_edge`], in front of the upstream at `upstream`.
+async fn edge_for(
+    upstream: std::net::SocketAddr,
+    bind: &str,
+    extra: &str,
+    sections: &str,
+    routes: &str,
+) -> (Edge, String) {
     let p = free_ports(2);
     let yaml = format!(
-        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ app: {{ backends: [{{ address: {a} }}] }} }}\n{sections}routes:\n  - {{ name: open, match: {{ path_prefix: /public }}, pool: app }}\n  - {{ name: app, match: {{ path_prefix: / }}, pool: app{route_extra} }}\n",
+        "listeners: [{{ name: public, address: '{bind}:{}'{extra} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ app: {{ backends: [{{ address: {upstream} }}] }} }}\n{sections}routes:\n{routes}",
         p[0], p[1]
     );
     (Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await, yaml)
@@ -388,7 +426,7 @@ async fn a_route_answers_405_with_allow_415_and_413_before_its_upstream() {
     let http = client();
     let deleted = http.delete(edge.url("/ok")).send().await.unwrap();
     assert_eq!(deleted.status(), 405);
-    assert_eq!(header(&deleted, "allow"), Some("GET, POST"));
+    assert_eq!(header(&deleted, "allow"), Some("GET, HEAD, POST"));
     let body: Value = deleted.json().await.unwrap();
     assert_eq!(body["error"], "method_not_allowed");
 
@@ -434,25 +472,155 @@ async fn a_route_answers_405_with_allow_415_and_413_before_its_upstream() {
     }
 }
 
+/// Sends `POST /upload` over HTTP/2 with prior knowledge, its body in a DATA frame after a
+/// HEADERS frame with no `content-length`; the answer's status.
+async fn h2_post_without_length(proxy: std::net::SocketAddr, content_type: Option<&str>) -> u16 {
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = http::Request::post(format!("http://{proxy}/upload"));
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let (response, mut body) = h2.send_request(request.body(()).unwrap(), false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"{}"), true)
+        .unwrap();
+    response.await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn validation_sees_http2_bodies_head_and_repeated_content_types_and_options_asterisk() {
+    let routes =
+        "  - { name: app, pool: app, methods: [GET, POST], content_types: [application/json] }\n";
+    let (edge, _) = app_edge("127.0.0.1", ", h2c: true", "", routes).await;
+    // An HTTP/2 body needs no content-length; its media type is checked all the same.
+    assert_eq!(h2_post_without_length(edge.proxy, None).await, 415);
+    assert_eq!(
+        h2_post_without_length(edge.proxy, Some("text/html")).await,
+        415
+    );
+    assert_eq!(
+        h2_post_without_length(edge.proxy, Some("application/json")).await,
+        200
+    );
+    let http = client();
+    // HEAD is GET without the body: a route that takes GET takes HEAD.
+    let head = http.head(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    // Two media types: which one would the upstream read? Neither.
+    let two = http
+        .post(edge.url("/upload"))
+        .header("content-type", "application/json")
+        .header("content-type", "text/html")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(two.status(), 400);
+    // The edge's answer to `OPTIONS *` carries its headers like any other.
+    let asterisk = common::raw_exchange(
+        edge.proxy,
+        b"OPTIONS * HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(asterisk.starts_with("HTTP/1.1 200"), "{asterisk}");
+    let lower = asterisk.to_ascii_lowercase();
+    assert!(
+        lower.contains("x-content-type-options: nosniff"),
+        "{asterisk}"
+    );
+    assert!(lower.contains("x-request-id: "), "{asterisk}");
+    assert_rejected(&edge, "app", "unsupported_media_type", 2.0).await;
+}
+
+#[tokio::test]
+async fn a_preflight_is_judged_by_the_route_of_the_request_it_announces() {
+    // `strict` serves only POST /ok, for one origin; `loose` everything else, for any.
+    let routes = "  - { name: strict, match: { path_prefix: /ok, methods: [POST] }, pool: app, cors: { origins: ['https://app.test'], methods: [POST] } }\n  - { name: loose, pool: app, cors: { origins: ['*'], methods: [GET, POST, DELETE] } }\n";
+    let (edge, _) = app_edge("127.0.0.1", "", "", routes).await;
+    let http = client();
+    let preflight = |origin: &'static str, method: &'static str| {
+        http.request(reqwest::Method::OPTIONS, edge.url("/ok"))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .send()
+    };
+    // The POST would go to `strict`: so does its preflight, whose rules deny this origin.
+    let denied = preflight("https://evil.test", "POST").await.unwrap();
+    assert_eq!(denied.status(), 403);
+    assert_eq!(header(&denied, "access-control-allow-origin"), None);
+    let allowed = preflight("https://app.test", "POST").await.unwrap();
+    assert_eq!(allowed.status(), 204);
+    assert_eq!(
+        header(&allowed, "access-control-allow-origin"),
+        Some("https://app.test")
+    );
+    // A DELETE would go to `loose`, which allows any origin.
+    let loose = preflight("https://evil.test", "DELETE").await.unwrap();
+    assert_eq!(loose.status(), 204);
+    assert_eq!(header(&loose, "access-control-allow-origin"), Some("*"));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_slowed_down_is_not_forwarded() {
+    let upstream = common::toggle_upstream("slowed").await;
+    let sections = "server:\n  overload: { shed_standard_at: 1 }\nslow_down:\n  hold: { key: client_ip, after: 1, per: 1h, delay_step: 60s, max_delay: 60s }\n";
+    let routes = "  - { name: held, match: { path_prefix: /ok, methods: [POST] }, pool: app, slow_down: hold }\n  - { name: app, pool: app }\n";
+    let (edge, _) = edge_for(upstream.addr, "127.0.0.1", "", sections, routes).await;
+    let hits = || upstream.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let post = |http: reqwest::Client| http.post(edge.url("/ok")).send();
+    assert_eq!(post(client()).await.unwrap().status(), 200);
+    assert_eq!(hits(), 1);
+    // The second is held back for a minute (longer than any wait here); its client gives up.
+    let waiting = r#"kingdom_edge_slow_down_waiting"#;
+    let held = tokio::spawn(post(client()));
+    edge.wait_metric(waiting, 1.0).await;
+    // Held back, it is not load: another request is not shed past `shed_standard_at: 1`.
+    let other = client().get(edge.url("/ok")).send().await.unwrap();
+    assert_eq!(other.status(), 200);
+    held.abort();
+    // Logged as nginx does (499) once the edge sees the client gone, long before the minute.
+    edge.wait_metric(
+        r#"kingdom_edge_requests_total{code="499",route="held"}"#,
+        1.0,
+    )
+    .await;
+    let metrics = edge.metrics().await;
+    assert_eq!(common::metric(&metrics, waiting), 0.0);
+    assert_eq!(
+        hits(),
+        2,
+        "the abandoned request never reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn ipv4_clients_of_a_dual_stack_listener_have_their_own_budgets() {
+    let limit = "rate_limits:\n  one: { key: client_ip, limit: 1, per: 1h }\n";
+    let routes = "  - { name: app, pool: app, rate_limit: [one] }\n";
+    let (edge, _) = app_edge("[::]", "", limit, routes).await;
+    let from = |local: [u8; 4]| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .local_address(std::net::IpAddr::from(local))
+            .build()
+            .unwrap()
+            .get(edge.url("/ok"))
+            .send()
+    };
+    // Over IPv4 a `[::]` socket sees `::ffff:127.0.0.1`: still one budget per address, not
+    // one for every IPv4 client in `::ffff:0:0/64`.
+    assert_eq!(from([127, 0, 0, 1]).await.unwrap().status(), 200);
+    assert_eq!(from([127, 0, 0, 2]).await.unwrap().status(), 200);
+    assert_eq!(from([127, 0, 0, 1]).await.unwrap().status(), 429);
+}
+
 #[tokio::test]
 async fn overload_sheds_bulk_first_then_standard_and_high_only_at_the_cap() {
     let upstream = common::toggle_upstream("held").await;
-    let p = free_ports(2);
-    let yaml = format!(
-        r#"
-listeners: [{{ name: public, address: 127.0.0.1:{} }}]
-admin: {{ address: 127.0.0.1:{} }}
-server:
-  overload: {{ shed_bulk_at: 2, shed_standard_at: 3, max_in_flight: 4, retry_after: 5s }}
-pools: {{ app: {{ backends: [{{ address: {} }}] }} }}
-routes:
-  - {{ name: login, match: {{ host: high.test }}, pool: app, priority: high }}
-  - {{ name: batch, match: {{ host: bulk.test }}, pool: app, priority: bulk }}
-  - {{ name: api, pool: app }}
-"#,
-        p[0], p[1], upstream.addr
-    );
-    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let sections = "server:\n  overload: { shed_bulk_at: 2, shed_standard_at: 3, max_in_flight: 4, retry_after: 5s }\nrate_limits:\n  once: { key: client_ip, limit: 1, per: 1h }\n";
+    let routes = "  - { name: login, match: { host: high.test }, pool: app, priority: high }\n  - { name: batch, match: { host: bulk.test }, pool: app, priority: bulk, rate_limit: [once] }\n  - { name: api, pool: app }\n";
+    let (edge, _) = edge_for(upstream.addr, "127.0.0.1", "", sections, routes).await;
     let http = client();
     let get = |host: &'static str| http.get(edge.url("/ok")).header("host", host).send();
     let hits = || upstream.hits.load(std::sync::atomic::Ordering::SeqCst);
@@ -471,6 +639,8 @@ routes:
     let shed = get("bulk.test").await.unwrap();
     assert_eq!(shed.status(), 503);
     assert_eq!(header(&shed, "retry-after"), Some("5"));
+    // Its rate limit was asked, not charged: the whole budget is left.
+    assert_eq!(header(&shed, "ratelimit"), Some("\"once\";r=1;t=0"));
     let body: Value = shed.json().await.unwrap();
     assert_eq!(body["error"], "overloaded");
     hold("api.test", 3).await;
@@ -486,8 +656,9 @@ routes:
     for request in held {
         assert_eq!(request.await.unwrap().unwrap().status(), 200);
     }
-    // The load is gone: bulk passes again.
+    // The load is gone: bulk passes again, on a budget of one that the sheds did not spend.
     assert_eq!(get("bulk.test").await.unwrap().status(), 200);
+    assert_eq!(get("bulk.test").await.unwrap().status(), 429);
 
     let metrics = edge.metrics().await;
     let value = |series: &str| common::metric(&metrics, series);

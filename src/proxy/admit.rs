@@ -65,11 +65,13 @@ pub enum Admission {
     Forward(Admitted),
 }
 
-/// Runs the route's admission policies on `req` from `client` at `now`.
+/// Runs the route's admission policies on `req` from `client` at `now`; `has_body` says
+/// whether a body follows the head.
 pub fn admit(
     snapshot: &Snapshot,
     route: &Route,
     req: &RequestHeader,
+    has_body: bool,
     client: Option<IpAddr>,
     now: Now,
     load: Load<'_>,
@@ -81,7 +83,7 @@ pub fn admit(
         Some(Preflight::Denied) => return Err(Rejection::CorsPreflightDenied.into()),
         None => {}
     }
-    route.validation.check(req)?;
+    route.validation.check(req, has_body)?;
     let user = authenticate(snapshot, route, req, now.unix)?;
     let keyed = key::Request {
         client,
@@ -89,9 +91,12 @@ pub fn admit(
         user: user.as_deref(),
         route: &route.name,
     };
-    let rate_headers = rate_limit(snapshot, route, &keyed, now.nanos)?;
     let overload = &snapshot.server.overload;
-    if overload.sheds(route.priority, load.in_flight) {
+    let shed = overload.sheds(route.priority, load.in_flight);
+    // A rate limit answers first (429), but a request about to be shed is not counted
+    // against its client's budget: it was never served.
+    let rate_headers = rate_limit(snapshot, route, &keyed, now.nanos, !shed)?;
+    if shed {
         load.shed[route.priority.index()].inc();
         let mut refusal =
             Refusal::from(Rejection::Overloaded).retry_after(overload.retry_after.as_secs());
@@ -112,12 +117,14 @@ pub fn admit(
 }
 
 /// Runs the route's rate limits in order: the RateLimit headers of the enforced ones, or the
-/// 429 of the first that refuses (the limits after it are not counted).
+/// 429 of the first that refuses (the limits after it are not counted). Without `record`,
+/// nothing is counted: the verdicts are what the buckets would say.
 fn rate_limit(
     snapshot: &Snapshot,
     route: &Route,
     keyed: &key::Request<'_>,
     now: u64,
+    record: bool,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
     if route.rate_limits.is_empty() {
         return Ok(Vec::new());
@@ -125,7 +132,11 @@ fn rate_limit(
     let (mut policies, mut statuses) = (Vec::new(), Vec::new());
     for limit in &route.rate_limits {
         let policy = &snapshot.rate_limits[limit.policy];
-        let outcome = policy.check(policy.key.key(keyed, policy.ipv6_prefix), now);
+        let key = policy.key.key(keyed, policy.ipv6_prefix);
+        let outcome = match record {
+            true => policy.check(key, now),
+            false => policy.peek(key, now),
+        };
         let over = matches!(outcome.verdict, Verdict::Deny { .. });
         if !outcome.refused {
             if over {
@@ -182,6 +193,24 @@ fn authenticate(
     let Some(verifier) = &snapshot.tokens else {
         return Err(Rejection::Internal.into());
     };
+    if req
+        .headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        // Which token would the upstream read? RFC 6750 §3.1: a repeated credential is an
+        // invalid request.
+        return Err(
+            Refusal::from(Rejection::BadRequest("more than one authorization field")).with(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(
+                    "Bearer realm=\"kingdom-edge\", error=\"invalid_request\"",
+                ),
+            ),
+        );
+    }
     match (bearer(req), auth) {
         (None, Auth::Optional) => Ok(None),
         (None, Auth::Required) => Err(unauthorized(

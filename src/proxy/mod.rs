@@ -92,6 +92,23 @@ impl EdgeProxy {
             draining,
         }
     }
+
+    /// Holds a slowed-down request for `delay`: its task waits, no thread does, and it is
+    /// not counted towards shedding meanwhile. False if the client left during the wait
+    /// (closed its connection or reset its stream); only a request without a body can tell,
+    /// as watching the connection would read the body.
+    async fn slow_down(&self, session: &mut Session, delay: Duration) -> bool {
+        let _waiting = InFlight::new(&self.metrics.slow_down_waiting);
+        if !session.is_body_empty() {
+            tokio::time::sleep(delay).await;
+            return true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            // A pipelined request's bytes are kept for later and leave this pending.
+            _ = session.as_downstream_mut().read_body_or_idle(true) => false,
+        }
+    }
 }
 
 /// Per-request state, alive from the request header to the log line.
@@ -341,7 +358,7 @@ impl ProxyHttp for EdgeProxy {
         // A request body may pause for at most this long between reads (408 past it).
         session.set_read_timeout(Some(ctx.snapshot.server.client_timeouts.body));
         // Only a verified token says who the user is (see `upstream_request_filter`).
-        session.req_header_mut().remove_header("x-user-id");
+        strip_user_id(session.req_header_mut());
         let req = session.req_header();
         ctx.request_id = request_id::choose(req.headers.get("x-request-id").map(|v| v.as_bytes()));
         let default_host = || {
@@ -401,20 +418,26 @@ impl ProxyHttp for EdgeProxy {
             nanos: crate::ratelimit::nanos(Instant::now()),
         };
         let client = ctx.forwarded.as_ref().map(|f| f.client_ip);
+        // Requests a slow-down holds back cost a timer: they do not count towards shedding.
+        let busy = self.metrics.in_flight.get() - self.metrics.slow_down_waiting.get();
         let load = admit::Load {
-            in_flight: u64::try_from(self.metrics.in_flight.get()).unwrap_or(0),
+            in_flight: u64::try_from(busy).unwrap_or(0),
             shed: &self.metrics.shed,
         };
-        match admit::admit(&snapshot, route, session.req_header(), client, now, load) {
+        let has_body = !session.is_body_empty();
+        let req = session.req_header();
+        match admit::admit(&snapshot, route, req, has_body, client, now, load) {
             Ok(Admission::Preflight(headers)) => {
                 return answer_preflight(session, ctx, headers).await;
             }
             Ok(Admission::Forward(admitted)) => {
                 ctx.user = admitted.user;
                 ctx.admission_headers = admitted.rate_headers;
-                if !admitted.delay.is_zero() {
-                    // Slow-down: the request's task waits; no thread does.
-                    tokio::time::sleep(admitted.delay).await;
+                if !admitted.delay.is_zero() && !self.slow_down(session, admitted.delay).await {
+                    // The client left while held back: nothing to forward, no one to answer.
+                    ctx.cut = Some(Cut::ClientAborted);
+                    session.set_keepalive(None);
+                    return Ok(true);
                 }
             }
             Err(refusal) => return answer(session, ctx, refusal).await,
@@ -878,6 +901,28 @@ fn shared_cacheable(response: &ResponseHeader) -> bool {
         .any(|d| d.eq_ignore_ascii_case("public") || d.eq_ignore_ascii_case("s-maxage"))
 }
 
+/// Removes every `x-user-id` the client sent, spelled with underscores too: many
+/// frameworks read `x_user_id` as the same header (CGI's `HTTP_X_USER_ID`).
+fn strip_user_id(req: &mut RequestHeader) {
+    let is_user_id = |name: &http::HeaderName| {
+        let name = name.as_str().as_bytes();
+        name.len() == 9
+            && name
+                .iter()
+                .map(|&b| if b == b'_' { b'-' } else { b })
+                .eq(*b"x-user-id")
+    };
+    let spoofed: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|n| is_user_id(n))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        req.remove_header(&name);
+    }
+}
+
 /// nginx's status for a request whose client closed the connection before the answer.
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
@@ -1077,6 +1122,21 @@ fn apply(req: &mut RequestHeader, target: Option<String>, host: Option<String>) 
     Ok(())
 }
 
+/// The method a request is routed by: its own, or for a CORS preflight the method it asks
+/// about, so the preflight is judged by the route that would serve the request (a route
+/// matching only POST answers its POST's preflight).
+fn routing_method(req: &RequestHeader) -> http::Method {
+    let asked = || {
+        req.headers.get(header::ORIGIN)?;
+        let method = req.headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
+        http::Method::from_bytes(method.as_bytes()).ok()
+    };
+    match req.method {
+        http::Method::OPTIONS => asked().unwrap_or(http::Method::OPTIONS),
+        _ => req.method.clone(),
+    }
+}
+
 /// The route for the request, matched on its normalized path without `;` parameters, after
 /// the route's rule for escaped slashes (which may decode them and route again).
 fn route_request(
@@ -1087,7 +1147,8 @@ fn route_request(
         let path = path::for_matching(path);
         snapshot.router.find(host, &path, method)
     };
-    let Some(id) = find(request_host(req), req.uri.path(), &req.method) else {
+    let method = routing_method(req);
+    let Some(id) = find(request_host(req), req.uri.path(), &method) else {
         return Ok(None);
     };
     if !path::has_escaped_slashes(req.uri.path()) {
@@ -1103,7 +1164,7 @@ fn route_request(
     // an upstream that decodes them must not find another route's path.
     let merge = snapshot.server.hygiene.merge_slashes;
     let decoded = path::decode_slashes(req.uri.path(), merge).map_err(Rejection::BadRequest)?;
-    let again = find(request_host(req), &decoded, &req.method);
+    let again = find(request_host(req), &decoded, &method);
     if again != Some(id) {
         return Err(Rejection::BadRequest(
             "the path routes elsewhere once its escaped slashes are decoded",
@@ -1149,13 +1210,13 @@ async fn answer_preflight(
 }
 
 async fn answer_options_asterisk(session: &mut Session, ctx: &RequestCtx) -> Result<bool> {
-    let mut header = ResponseHeader::build(200, Some(4))?;
+    let mut header = ResponseHeader::build(200, Some(8))?;
     header.insert_header(
         header::ALLOW,
         "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
     )?;
     header.insert_header(header::CONTENT_LENGTH, "0")?;
-    header.insert_header("x-request-id", &ctx.request_id)?;
+    decorate(&mut header, &ctx.decoration(session.req_header()));
     session
         .write_response_header(Box::new(header), true)
         .await?;

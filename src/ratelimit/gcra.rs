@@ -77,6 +77,19 @@ impl Gcra {
         (verdict, Some(next))
     }
 
+    /// What [`Gcra::decide`] would say, changing nothing: for a request it would admit,
+    /// `remaining` and `reset` describe the bucket as it stands, the request not counted.
+    pub fn peek(&self, tat: Option<u64>, now: u64) -> Verdict {
+        match self.decide(tat, now).0 {
+            // Admitted, the request adds exactly one `T` (see `decide`).
+            Verdict::Allow { remaining, reset } => Verdict::Allow {
+                remaining: remaining + 1,
+                reset: reset - self.interval,
+            },
+            deny => deny,
+        }
+    }
+
     /// Whether a bucket with this TAT is as good as unused at `now` (it can be dropped).
     pub fn is_idle(tat: u64, now: u64) -> bool {
         tat <= now
@@ -223,5 +236,39 @@ mod tests {
             }
         );
         assert!(Gcra::is_idle(5, 5) && !Gcra::is_idle(6, 5));
+    }
+
+    #[test]
+    fn a_peek_describes_the_bucket_before_the_request() {
+        let gcra = Gcra::new(5, 900 * S, 5);
+        assert_eq!(
+            gcra.peek(None, 0),
+            Verdict::Allow {
+                remaining: 5,
+                reset: 0
+            },
+            "unused: full"
+        );
+        let mut tat = None;
+        for now in [0, 0, 10 * S, 10 * S] {
+            let peeked = gcra.peek(tat, now);
+            let (decided, next) = gcra.decide(tat, now);
+            let (
+                Verdict::Allow { remaining, reset },
+                Verdict::Allow {
+                    remaining: after,
+                    reset: reset_after,
+                },
+            ) = (peeked, decided)
+            else {
+                panic!("{peeked:?} {decided:?}");
+            };
+            assert_eq!((after + 1, reset_after), (remaining, reset + gcra.interval));
+            tat = next;
+        }
+        tat = Some(tat.unwrap() + 180 * S);
+        let (refused, _) = gcra.decide(tat, 10 * S);
+        assert!(matches!(refused, Verdict::Deny { .. }));
+        assert_eq!(gcra.peek(tat, 10 * S), refused, "a refusal is a refusal");
     }
 }

@@ -96,9 +96,10 @@ fn unknown<T>(text: &str, path: &str, errors: &mut Errors) -> Option<T> {
     None
 }
 
-/// An address as its group's bytes: IPv4 whole, IPv6 cut to its first `prefix` bits.
+/// An address as its group's bytes: IPv4 whole (IPv4-mapped IPv6 too), IPv6 cut to its
+/// first `prefix` bits.
 pub fn group(ip: IpAddr, prefix: u8) -> Vec<u8> {
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
@@ -194,6 +195,13 @@ mod tests {
         assert_ne!(
             key("client_ip", &bare, "2001:db8:1:2::1", None),
             key("client_ip", &bare, "2001:db8:1:3::1", None)
+        );
+        // IPv4 through a dual-stack listener: its own address, not all of ::ffff:0:0/64.
+        assert_eq!(key("client_ip", &bare, "::ffff:203.0.113.7", None), ip);
+        assert_ne!(
+            key("client_ip", &bare, "::ffff:203.0.113.8", None),
+            ip,
+            "one budget per IPv4 address"
         );
         assert_eq!(
             key("route", &bare, "203.0.113.7", None),

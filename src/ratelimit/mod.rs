@@ -33,6 +33,20 @@ pub const DEFAULT_MAX_KEYS: usize = 100_000;
 /// otherwise.
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 
+/// `max_keys` at YAML path `path`.max_keys (default [`DEFAULT_MAX_KEYS`]): at least
+/// [`table::MIN_CAPACITY`], so that each shard keeps enough keys to evict an unused one
+/// rather than a limited client's spent bucket.
+fn max_keys(raw: Option<usize>, path: &str, errors: &mut Errors) -> usize {
+    let max_keys = raw.unwrap_or(DEFAULT_MAX_KEYS);
+    if max_keys < table::MIN_CAPACITY {
+        errors.push(
+            format!("{path}.max_keys"),
+            format!("must be at least {} (got {max_keys})", table::MIN_CAPACITY),
+        );
+    }
+    max_keys
+}
+
 /// Nanoseconds on the monotonic clock the buckets count in.
 pub fn nanos(at: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -80,9 +94,9 @@ pub struct RateLimit {
 
 /// Where a policy's buckets are kept.
 pub trait BucketStore: Send + Sync {
-    /// Decides a request of `key` at `now` (nanoseconds) with `gcra`, and records an
-    /// admitted one.
-    fn check(&self, key: u64, now: u64, gcra: &Gcra) -> Verdict;
+    /// Decides a request of `key` at `now` (nanoseconds) with `gcra`, and, if `record`,
+    /// counts an admitted one (without, it tells what the bucket says: [`Gcra::peek`]).
+    fn check(&self, key: u64, now: u64, gcra: &Gcra, record: bool) -> Verdict;
     /// Drops buckets that are as good as unused at `now`, and reports how many are held.
     fn sweep(&self, now: u64);
 }
@@ -126,10 +140,13 @@ impl Buckets {
 }
 
 impl BucketStore for Buckets {
-    fn check(&self, key: u64, now: u64, gcra: &Gcra) -> Verdict {
-        self.table.update(key, |tat| {
-            let (verdict, next) = gcra.decide(tat.map(|t| t.0), now);
-            (verdict, next.map(Tat))
+    fn check(&self, key: u64, now: u64, gcra: &Gcra, record: bool) -> Verdict {
+        self.table.update(key, |tat| match record {
+            true => {
+                let (verdict, next) = gcra.decide(tat.map(|t| t.0), now);
+                (verdict, next.map(Tat))
+            }
+            false => (gcra.peek(tat.map(|t| t.0), now), tat.copied()),
         })
     }
 
@@ -149,9 +166,19 @@ pub struct Outcome {
 }
 
 impl RateLimit {
-    /// Decides the request keyed `key` at `now` (nanoseconds).
+    /// Decides the request keyed `key` at `now` (nanoseconds), counting it if admitted.
     pub fn check(&self, key: u64, now: u64) -> Outcome {
-        let verdict = self.store.check(key, now, &self.gcra);
+        self.decide(key, now, true)
+    }
+
+    /// What [`RateLimit::check`] would decide, counting nothing (an admitted request's
+    /// verdict describes the bucket as it stands).
+    pub fn peek(&self, key: u64, now: u64) -> Outcome {
+        self.decide(key, now, false)
+    }
+
+    fn decide(&self, key: u64, now: u64, record: bool) -> Outcome {
+        let verdict = self.store.check(key, now, &self.gcra, record);
         let over = matches!(verdict, Verdict::Deny { .. });
         Outcome {
             verdict,
@@ -222,10 +249,7 @@ pub fn compile(
             format!("must be 1 to 128 (got {ipv6_prefix})"),
         );
     }
-    let max_keys = raw.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
-    if max_keys == 0 {
-        errors.push(format!("{path}.max_keys"), "must be > 0 (got 0)");
-    }
+    let max_keys = max_keys(raw.max_keys, path, errors);
     let key = key?;
     if errors.len() > start {
         return None;
@@ -336,6 +360,14 @@ mod tests {
         let first = policy.check(7, 0);
         assert!(!first.refused);
         assert_eq!(policy.status_item(&first.verdict), "\"api\";r=1;t=5");
+        // A peek tells the bucket as it stands, and counts nothing.
+        for _ in 0..3 {
+            let peeked = policy.peek(7, 0);
+            assert_eq!(policy.status_item(&peeked.verdict), "\"api\";r=1;t=5");
+        }
+        policy.peek(8, 0);
+        let unpeeked = policy.check(8, 0);
+        assert_eq!(policy.status_item(&unpeeked.verdict), "\"api\";r=1;t=5");
         policy.check(7, 0);
         let third = policy.check(7, 1_000_000_000);
         assert!(third.refused);

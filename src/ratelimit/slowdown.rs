@@ -11,7 +11,7 @@ use prometheus::IntCounter;
 
 use super::key::KeySource;
 use super::table::{Idle, Table};
-use super::{fingerprint, DEFAULT_IPV6_PREFIX, DEFAULT_MAX_KEYS};
+use super::{fingerprint, DEFAULT_IPV6_PREFIX};
 use crate::config::raw::RawSlowDown;
 use crate::config::Errors;
 
@@ -143,10 +143,7 @@ pub fn compile(name: &str, raw: &RawSlowDown, path: &str, errors: &mut Errors) -
             format!("must be 1 to 128 (got {ipv6_prefix})"),
         );
     }
-    let max_keys = raw.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
-    if max_keys == 0 {
-        errors.push(format!("{path}.max_keys"), "must be > 0 (got 0)");
-    }
+    let max_keys = super::max_keys(raw.max_keys, path, errors);
     let key = key?;
     if errors.len() > start {
         return None;

@@ -12,6 +12,10 @@ use std::sync::{Mutex, MutexGuard};
 /// Shards per table.
 pub const SHARDS: usize = 64;
 
+/// The smallest capacity a policy may ask for: 16 keys per shard, so that a sample finds
+/// one nearer to idle than a limited client's.
+pub const MIN_CAPACITY: usize = 16 * SHARDS;
+
 /// Entries sampled to choose the one a new key evicts.
 const EVICTION_SAMPLE: usize = 8;
 

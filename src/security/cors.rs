@@ -261,16 +261,16 @@ impl Cors {
     }
 
     /// Puts the route's CORS headers on a response to a request from `origin`: the
-    /// upstream's own are dropped, and an allowed origin gets the route's.
+    /// upstream's own (every `access-control-*` field) are dropped, and an allowed origin
+    /// gets the route's.
     pub fn decorate(&self, origin: Option<&HeaderValue>, response: &mut ResponseHeader) {
-        for name in [
-            header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            header::ACCESS_CONTROL_MAX_AGE,
-        ] {
+        let upstream: Vec<HeaderName> = response
+            .headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("access-control-"))
+            .cloned()
+            .collect();
+        for name in upstream {
             response.remove_header(&name);
         }
         if self.origins != [Origin::Any] {
@@ -487,6 +487,9 @@ mod tests {
             response
                 .insert_header("access-control-allow-origin", "*")
                 .unwrap();
+            response
+                .insert_header("access-control-allow-private-network", "true")
+                .unwrap();
             response.insert_header("vary", "accept-encoding").unwrap();
             let origin = origin.map(|o| HeaderValue::from_str(o).unwrap());
             cors.decorate(origin.as_ref(), &mut response);
@@ -508,7 +511,8 @@ mod tests {
                 "vary: origin",
             ]
         );
-        // The upstream's `*` is gone too: the route's rules are the only ones.
+        // The upstream's `*` (and any other access-control field) is gone too: the route's
+        // rules are the only ones.
         assert_eq!(
             decorate(Some("https://evil.example")),
             ["vary: accept-encoding", "vary: origin"]
