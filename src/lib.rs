@@ -7,7 +7,7 @@
 //! - policies, each compiling its own section, with a pure decision at its heart:
 //!   `balance`, `slow_start`, `health`, `outlier`, `retry`, `sticky`, `request`,
 //!   `forwarded`, `request_id`, `errors`, `access_log`, `tls`, `token`, `ratelimit`,
-//!   `shed`, `validation`, `security`.
+//!   `shed`, `validation`, `security`, `cache`.
 //! - `sidecar`: the content and API services, and how the proxy launches them.
 //! - `live`: state that outlives config snapshots.
 //! - `upstream`: pools, the choice of a backend, the outcome of an attempt.
@@ -23,6 +23,7 @@ pub mod metrics;
 
 pub mod access_log;
 pub mod balance;
+pub mod cache;
 pub mod errors;
 pub mod forwarded;
 pub mod health;

@@ -27,6 +27,7 @@ const LAYERS: &[&[&str]] = &[
         "shed",
         "validation",
         "security",
+        "cache",
     ],
     &["sidecar"],
     &["live"],
