@@ -30,11 +30,18 @@ impl TrustedProxies {
         Self(nets)
     }
 
-    /// Whether a peer at `ip` may tell us who the client is (an IPv4-mapped IPv6 address
-    /// as the IPv4 address it is).
+    /// Whether a peer at `ip` may tell us who the client is. An IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`) matches as the IPv4 address it is and as itself, so an entry in
+    /// either spelling covers an IPv4 peer of a dual-stack listener.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.0.iter().any(|net| net.contains(&ip))
+        let canonical = ip.to_canonical();
+        let mapped = match ip {
+            IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+            v6 => v6,
+        };
+        self.0
+            .iter()
+            .any(|net| net.contains(&canonical) || net.contains(&mapped))
     }
 }
 
@@ -187,5 +194,12 @@ mod tests {
         );
         assert_eq!(f.client_ip.to_string(), "198.51.100.7");
         assert_eq!(f.for_chain, "::ffff:198.51.100.7, 10.0.0.2");
+        // An entry written in the mapped spelling covers the IPv4 peer too.
+        let mut errors = Errors::default();
+        let mapped = TrustedProxies::compile(&["::ffff:10.0.0.0/104".into()], "t", &mut errors);
+        assert!(errors.is_empty());
+        assert!(mapped.contains("10.0.0.2".parse().unwrap()));
+        assert!(mapped.contains("::ffff:10.0.0.2".parse().unwrap()));
+        assert!(!mapped.contains("11.0.0.2".parse().unwrap()));
     }
 }

@@ -535,16 +535,18 @@ async fn validation_sees_http2_bodies_head_and_repeated_content_types_and_option
 
 #[tokio::test]
 async fn a_preflight_is_judged_by_the_route_of_the_request_it_announces() {
-    // `strict` serves only POST /ok, for one origin; `loose` everything else, for any.
-    let routes = "  - { name: strict, match: { path_prefix: /ok, methods: [POST] }, pool: app, cors: { origins: ['https://app.test'], methods: [POST] } }\n  - { name: loose, pool: app, cors: { origins: ['*'], methods: [GET, POST, DELETE] } }\n";
+    // `strict` serves only POST /ok, for one origin; `plain` GET /public, leaving CORS to its
+    // upstream; `loose` everything else, for any origin.
+    let routes = "  - { name: strict, match: { path_prefix: /ok, methods: [POST] }, pool: app, cors: { origins: ['https://app.test'], methods: [POST] } }\n  - { name: plain, match: { path_prefix: /public, methods: [GET] }, pool: app, methods: [GET] }\n  - { name: loose, pool: app, cors: { origins: ['*'], methods: [GET, POST, DELETE] } }\n";
     let (edge, _) = app_edge("127.0.0.1", "", "", routes).await;
     let http = client();
-    let preflight = |origin: &'static str, method: &'static str| {
-        http.request(reqwest::Method::OPTIONS, edge.url("/ok"))
+    let preflight_to = |path: &'static str, origin: &'static str, method: &'static str| {
+        http.request(reqwest::Method::OPTIONS, edge.url(path))
             .header("origin", origin)
             .header("access-control-request-method", method)
             .send()
     };
+    let preflight = |origin, method| preflight_to("/ok", origin, method);
     // The POST would go to `strict`: so does its preflight, whose rules deny this origin.
     let denied = preflight("https://evil.test", "POST").await.unwrap();
     assert_eq!(denied.status(), 403);
@@ -559,6 +561,52 @@ async fn a_preflight_is_judged_by_the_route_of_the_request_it_announces() {
     let loose = preflight("https://evil.test", "DELETE").await.unwrap();
     assert_eq!(loose.status(), 204);
     assert_eq!(header(&loose, "access-control-allow-origin"), Some("*"));
+    // A GET /public would go to `plain`, which answers no preflight: this one is an OPTIONS
+    // request like any other, and `loose` takes it.
+    let plain = preflight_to("/public", "https://evil.test", "GET")
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 204);
+    assert_eq!(header(&plain, "access-control-allow-origin"), Some("*"));
+}
+
+#[tokio::test]
+async fn a_request_released_by_the_slow_down_is_shed_if_the_load_grew_meanwhile() {
+    let upstream = common::toggle_upstream("gated").await;
+    let sections = "server:\n  overload: { shed_standard_at: 2 }\nslow_down:\n  hold: { key: client_ip, after: 1, per: 1h, delay_step: 2s, max_delay: 2s }\n";
+    let routes = "  - { name: held, match: { path_prefix: /ok, methods: [POST] }, pool: app, slow_down: hold }\n  - { name: app, pool: app }\n";
+    let (edge, _) = edge_for(upstream.addr, "127.0.0.1", "", sections, routes).await;
+    let hits = || upstream.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let reached = |at: usize| {
+        common::wait_for("a request to reach the upstream", move || async move {
+            (hits() >= at).then_some(())
+        })
+    };
+    upstream.close();
+    let http = client();
+    // One request in flight, held at the upstream (the first POST is not slowed down).
+    let first = tokio::spawn(http.post(edge.url("/ok")).send());
+    reached(1).await;
+    // The second is admitted (2 in flight, not past 2) and held back for 2 s.
+    let slowed = tokio::spawn(http.post(edge.url("/ok")).send());
+    edge.wait_metric("kingdom_edge_slow_down_waiting", 1.0)
+        .await;
+    // Meanwhile another request is admitted: the waiting one does not count.
+    let other = tokio::spawn(http.get(edge.url("/ok")).send());
+    reached(2).await;
+    // Released, the slowed request finds 3 in flight: shed, not forwarded.
+    let slowed = slowed.await.unwrap().unwrap();
+    assert_eq!(slowed.status(), 503);
+    assert_eq!(header(&slowed, "retry-after"), Some("1"));
+    assert_eq!(hits(), 2);
+    upstream.open();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(other.await.unwrap().unwrap().status(), 200);
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        common::metric(&metrics, r#"kingdom_edge_shed_total{priority="standard"}"#),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -700,7 +748,7 @@ async fn cors_preflights_are_answered_at_the_edge_and_responses_decorated_per_or
             "access-control-allow-origin",
             "https://eu.kingdomstudios.app",
         ),
-        ("access-control-allow-methods", "GET, POST"),
+        ("access-control-allow-methods", "GET, HEAD, POST"),
         ("access-control-allow-headers", "authorization"),
         ("access-control-allow-credentials", "true"),
         ("access-control-max-age", "600"),

@@ -99,27 +99,31 @@ fn block_on(service: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match runtime::check(path) {
         Ok(s) => {
+            use std::fmt::Write as _;
             let backends: usize = s.pools.iter().map(|p| p.backends.len()).sum();
             let processes: usize = s.sidecars.iter().map(|s| s.addresses.len()).sum();
-            println!("{}: ok (digest {})", path.display(), s.digest);
+            let mut out = format!("{}: ok (digest {})\n", path.display(), s.digest);
             for l in &s.listeners {
                 let kind = match &l.tls {
                     Some(t) if t.http2 => "https, h2",
                     Some(_) => "https",
                     None => "http",
                 };
-                println!("  listener {} on {} ({kind})", l.name, l.address);
+                let _ = writeln!(out, "  listener {} on {} ({kind})", l.name, l.address);
             }
             match &s.admin {
-                Some(a) => println!("  admin on {}", a.address),
-                None => println!("  no admin listener"),
+                Some(a) => _ = writeln!(out, "  admin on {}", a.address),
+                None => out.push_str("  no admin listener\n"),
             }
-            println!(
+            let _ = writeln!(
+                out,
                 "  {} pools, {backends} backends; {} routes; {} sidecars, {processes} processes",
                 s.pools.len(),
                 s.router.routes().len(),
                 s.sidecars.len(),
             );
+            // A reader that stops early (`| head -1`) is no error of the config's.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
             for pool in s.pools.iter().filter(|p| !s.is_routed(p)) {
                 eprintln!(
                     "{}: warning: pools.{}: no route uses this pool (it does not count for /ready)",

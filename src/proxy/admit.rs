@@ -91,18 +91,16 @@ pub fn admit(
         user: user.as_deref(),
         route: &route.name,
     };
-    let overload = &snapshot.server.overload;
-    let shed = overload.sheds(route.priority, load.in_flight);
+    let sheds = snapshot
+        .server
+        .overload
+        .sheds(route.priority, load.in_flight);
     // A rate limit answers first (429), but a request about to be shed is not counted
     // against its client's budget: it was never served.
-    let rate_headers = rate_limit(snapshot, route, &keyed, now.nanos, !shed)?;
-    if shed {
-        load.shed[route.priority.index()].inc();
-        let mut refusal =
-            Refusal::from(Rejection::Overloaded).retry_after(overload.retry_after.as_secs());
-        // A shed request was admitted by its rate limits: its answer says where they stand.
-        refusal.headers.extend(rate_headers);
-        return Err(refusal);
+    let rate_headers = rate_limit(snapshot, route, &keyed, now.nanos, !sheds)?;
+    if sheds {
+        // It passed its rate limits: its answer says where they stand.
+        return Err(shed(snapshot, route, load, rate_headers));
     }
     // Slowed down last: a request that waits is one that will be served.
     let delay = route.slow_down.map_or(Duration::ZERO, |id| {
@@ -114,6 +112,39 @@ pub fn admit(
         rate_headers,
         delay,
     }))
+}
+
+/// Sheds a request the slow-down held back if the proxy is overloaded now: the wait may
+/// have let the load grow, and waiting requests were not counted. `rate_headers` are the
+/// ones admission gave it.
+pub fn shed_after_wait(
+    snapshot: &Snapshot,
+    route: &Route,
+    load: Load<'_>,
+    rate_headers: &[(HeaderName, HeaderValue)],
+) -> Result<(), Refusal> {
+    match snapshot
+        .server
+        .overload
+        .sheds(route.priority, load.in_flight)
+    {
+        true => Err(shed(snapshot, route, load, rate_headers.to_vec())),
+        false => Ok(()),
+    }
+}
+
+/// The 503 of a shed request, counted, with the RateLimit headers it was admitted with.
+fn shed(
+    snapshot: &Snapshot,
+    route: &Route,
+    load: Load<'_>,
+    rate_headers: Vec<(HeaderName, HeaderValue)>,
+) -> Refusal {
+    load.shed[route.priority.index()].inc();
+    let retry_after = snapshot.server.overload.retry_after.as_secs();
+    let mut refusal = Refusal::from(Rejection::Overloaded).retry_after(retry_after);
+    refusal.headers.extend(rate_headers);
+    refusal
 }
 
 /// Runs the route's rate limits in order: the RateLimit headers of the enforced ones, or the
@@ -139,7 +170,8 @@ fn rate_limit(
         };
         let over = matches!(outcome.verdict, Verdict::Deny { .. });
         if !outcome.refused {
-            if over {
+            // A peek (a request about to be shed) is not a hit of the shadow policy either.
+            if over && record {
                 // Shadow mode: counted and logged, and left out of the headers.
                 limit.shadowed.inc();
                 if policy.log_shadow_hit(now) {

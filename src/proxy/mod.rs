@@ -93,6 +93,16 @@ impl EdgeProxy {
         }
     }
 
+    /// The load shedding decides on: requests in flight, less those a slow-down holds back
+    /// (they cost a timer, and a client being slowed down must not get others shed).
+    fn load(&self) -> admit::Load<'_> {
+        let busy = self.metrics.in_flight.get() - self.metrics.slow_down_waiting.get();
+        admit::Load {
+            in_flight: u64::try_from(busy).unwrap_or(0),
+            shed: &self.metrics.shed,
+        }
+    }
+
     /// Holds a slowed-down request for `delay`: its task waits, no thread does, and it is
     /// not counted towards shedding meanwhile. False if the client left during the wait
     /// (closed its connection or reset its stream); only a request without a body can tell,
@@ -418,26 +428,30 @@ impl ProxyHttp for EdgeProxy {
             nanos: crate::ratelimit::nanos(Instant::now()),
         };
         let client = ctx.forwarded.as_ref().map(|f| f.client_ip);
-        // Requests a slow-down holds back cost a timer: they do not count towards shedding.
-        let busy = self.metrics.in_flight.get() - self.metrics.slow_down_waiting.get();
-        let load = admit::Load {
-            in_flight: u64::try_from(busy).unwrap_or(0),
-            shed: &self.metrics.shed,
-        };
         let has_body = !session.is_body_empty();
         let req = session.req_header();
-        match admit::admit(&snapshot, route, req, has_body, client, now, load) {
+        match admit::admit(&snapshot, route, req, has_body, client, now, self.load()) {
             Ok(Admission::Preflight(headers)) => {
                 return answer_preflight(session, ctx, headers).await;
             }
             Ok(Admission::Forward(admitted)) => {
                 ctx.user = admitted.user;
                 ctx.admission_headers = admitted.rate_headers;
-                if !admitted.delay.is_zero() && !self.slow_down(session, admitted.delay).await {
-                    // The client left while held back: nothing to forward, no one to answer.
-                    ctx.cut = Some(Cut::ClientAborted);
-                    session.set_keepalive(None);
-                    return Ok(true);
+                if !admitted.delay.is_zero() {
+                    if !self.slow_down(session, admitted.delay).await {
+                        // The client left while held back: nothing to forward, no one to
+                        // answer.
+                        ctx.cut = Some(Cut::ClientAborted);
+                        session.set_keepalive(None);
+                        return Ok(true);
+                    }
+                    let rate_headers = &ctx.admission_headers;
+                    let load = self.load();
+                    if let Err(refusal) =
+                        admit::shed_after_wait(&snapshot, route, load, rate_headers)
+                    {
+                        return answer(session, ctx, refusal).await;
+                    }
                 }
             }
             Err(refusal) => return answer(session, ctx, refusal).await,
@@ -1122,19 +1136,14 @@ fn apply(req: &mut RequestHeader, target: Option<String>, host: Option<String>) 
     Ok(())
 }
 
-/// The method a request is routed by: its own, or for a CORS preflight the method it asks
-/// about, so the preflight is judged by the route that would serve the request (a route
-/// matching only POST answers its POST's preflight).
-fn routing_method(req: &RequestHeader) -> http::Method {
-    let asked = || {
-        req.headers.get(header::ORIGIN)?;
-        let method = req.headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
-        http::Method::from_bytes(method.as_bytes()).ok()
-    };
-    match req.method {
-        http::Method::OPTIONS => asked().unwrap_or(http::Method::OPTIONS),
-        _ => req.method.clone(),
+/// The method a CORS preflight announces (`OPTIONS` with `origin` and
+/// `access-control-request-method`), if the request is one.
+fn announced_method(req: &RequestHeader) -> Option<http::Method> {
+    if req.method != http::Method::OPTIONS || !req.headers.contains_key(header::ORIGIN) {
+        return None;
     }
+    let method = req.headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
+    http::Method::from_bytes(method.as_bytes()).ok()
 }
 
 /// The route for the request, matched on its normalized path without `;` parameters, after
@@ -1147,9 +1156,19 @@ fn route_request(
         let path = path::for_matching(path);
         snapshot.router.find(host, &path, method)
     };
-    let method = routing_method(req);
-    let Some(id) = find(request_host(req), req.uri.path(), &method) else {
-        return Ok(None);
+    // A preflight goes to the route of the request it announces if that route answers
+    // preflights (has `cors`), so it is judged by that route's rules; otherwise it is an
+    // OPTIONS request like any other.
+    let preflight = announced_method(req).and_then(|method| {
+        let id = find(request_host(req), req.uri.path(), &method)?;
+        snapshot.route(id).cors.is_some().then_some((id, method))
+    });
+    let (id, method) = match preflight {
+        Some(found) => found,
+        None => match find(request_host(req), req.uri.path(), &req.method) {
+            Some(id) => (id, req.method.clone()),
+            None => return Ok(None),
+        },
     };
     if !path::has_escaped_slashes(req.uri.path()) {
         return Ok(Some(id));

@@ -45,11 +45,22 @@ pub struct SlowDown {
 pub struct Window {
     count: u64,
     end: u64,
+    /// Whether its key is being slowed down (past `after`).
+    slowed: bool,
 }
 
 impl Idle for Window {
     fn idle_at(&self) -> u64 {
         self.end
+    }
+
+    fn keep_rank(&self) -> u64 {
+        // A flood of new keys evicts windows still under `after` (the nearest to their end
+        // first) before any of a client being slowed down, whose window is the oldest.
+        match self.slowed {
+            true => u64::MAX,
+            false => self.end,
+        }
     }
 }
 
@@ -90,20 +101,16 @@ impl SlowDown {
     /// Counts a request keyed `key` at `now` (nanoseconds); how long it must wait.
     pub fn hit(&self, key: u64, now: u64) -> Duration {
         let per = self.per.as_nanos() as u64;
+        let after = u64::from(self.after);
         let n = self.counts.table.update(key, |window| {
-            let next = match window {
-                Some(w) if now < w.end => Window {
-                    count: w.count + 1,
-                    ..*w
-                },
-                _ => Window {
-                    count: 1,
-                    end: now.saturating_add(per),
-                },
+            let (count, end) = match window {
+                Some(w) if now < w.end => (w.count + 1, w.end),
+                _ => (1, now.saturating_add(per)),
             };
-            (next.count, Some(next))
+            let slowed = count > after;
+            (count, Some(Window { count, end, slowed }))
         });
-        let wait = delay(n, u64::from(self.after), self.delay_step, self.max_delay);
+        let wait = delay(n, after, self.delay_step, self.max_delay);
         if !wait.is_zero() {
             self.counts.slowed.inc();
         }
@@ -210,5 +217,23 @@ mod tests {
                 "slow_down.x.max_delay: must be at most 60s (got 120s): a longer wait only holds connections"
             ]
         );
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_does_not_reset_a_slowed_client() {
+        let raw: RawSlowDown = serde_yaml::from_str(
+            "{ key: client_ip, after: 2, per: 600s, delay_step: 1s, max_delay: 3s, max_keys: 1024 }",
+        )
+        .unwrap();
+        let policy = compile("api", &raw, "slow_down.api", &mut Errors::default()).unwrap();
+        let victim = u64::MAX;
+        for _ in 0..4 {
+            policy.hit(victim, 0);
+        }
+        // Its window is the oldest of all: 100,000 new keys come after it.
+        for i in 0..100_000u64 {
+            policy.hit(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), S + i);
+        }
+        assert_eq!(policy.hit(victim, 2 * S), Duration::from_secs(3));
     }
 }

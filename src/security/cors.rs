@@ -13,7 +13,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::raw::RawCors;
 use crate::config::Errors;
-use crate::validation::parse_methods;
+use crate::validation::accepted_methods;
 
 /// Which origins a route allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +167,7 @@ impl Cors {
                 if names.is_empty() {
                     errors.push(format!("{at}.methods"), "must list at least one method");
                 }
-                parse_methods(Some(names), &format!("{at}.methods"), errors)
+                accepted_methods(Some(names), &format!("{at}.methods"), errors)
             }
             None => vec![Method::GET, Method::HEAD, Method::POST],
         };
@@ -435,7 +435,7 @@ mod tests {
                     "access-control-allow-origin",
                     "https://eu.kingdomstudios.app"
                 ),
-                ("access-control-allow-methods", "GET, POST, DELETE"),
+                ("access-control-allow-methods", "GET, HEAD, POST, DELETE"),
                 (
                     "access-control-allow-headers",
                     "authorization, content-type"
