@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of kingdom-edge, nginx and HAProxy in front of one nginx origin.
+"""Side-by-side benchmark of kingdom-edge, nginx and HAProxy in front of one nginx origin, and
+of cache hits against nginx's proxy_cache, HAProxy's cache and Varnish.
 
 Run through bench/compare.sh, which installs the tools first. Every process listens on
 127.0.0.1, every load run is bounded in time, and only the processes started here are
@@ -24,7 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXIES = ["nginx", "haproxy", "kingdom-edge"]
-LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "kingdom-edge": "kingdom-edge"}
+CACHES = ["nginx", "haproxy", "varnish", "kingdom-edge"]
+LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "varnish": "Varnish", "kingdom-edge": "kingdom-edge"}
+# What the origin answers at CACHED: the same body, storable for an hour by a shared cache.
+CACHED = "/cached"
 BODY = "hello from the origin\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -174,6 +178,11 @@ http {{
   server {{
 {listens}
     location / {{ default_type text/plain; return 200 "{BODY.strip()}\\n"; }}
+    location = {CACHED} {{
+      default_type text/plain;
+      add_header Cache-Control "public, max-age=3600";
+      return 200 "{BODY.strip()}\\n";
+    }}
   }}
 }}
 """)
@@ -181,9 +190,17 @@ http {{
         (self.work / "logs").mkdir(exist_ok=True)
         return self.spawn("origin", ["nginx", "-c", str(conf), "-p", str(self.work)], ports[0], "origin")
 
-    def start_nginx(self, threads, log, origins):
+    def start_nginx(self, threads, log, origins, cache=False):
         port, tls_port = free_port(), free_port()
-        conf = self.work / f"nginx-{threads}-{log}.conf"
+        cache_path = (f"proxy_cache_path {self.work}/nginx-cache keys_zone=bench:10m max_size=256m inactive=1h;"
+                      if cache else "")
+        cache_use = "proxy_cache bench;" if cache else ""
+        if cache:
+            # nginx's workers (not root) write the cache files: let them reach their folder.
+            (self.work / "nginx-cache").mkdir(exist_ok=True)
+            os.chmod(self.work, 0o711)
+            os.chmod(self.work / "nginx-cache", 0o777)
+        conf = self.work / f"nginx-{threads}-{log}{'-cache' if cache else ''}.conf"
         access = f"access_log {self.work}/nginx-access.log;" if log else "access_log off;"
         servers = "\n".join(f"    server 127.0.0.1:{p};" for p in origins)
         conf.write_text(f"""
@@ -199,6 +216,7 @@ http {{
   keepalive_timeout 300s;
   client_body_temp_path {self.work}/tmp-nginx;
   proxy_temp_path {self.work}/tmp-nginx;
+  {cache_path}
   upstream origin {{
 {servers}
     keepalive 256;
@@ -213,18 +231,24 @@ http {{
       proxy_pass http://origin;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      {cache_use}
     }}
   }}
 }}
 """)
         (self.work / "tmp-nginx").mkdir(exist_ok=True)
-        server = self.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(self.work)], port, f"nginx-{threads}-{log}")
+        server = self.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(self.work)], port,
+                            f"nginx-{threads}-{log}{'-cache' if cache else ''}")
         server.extra["tls"] = tls_port
         return server
 
-    def start_haproxy(self, threads, log, origins):
+    def start_haproxy(self, threads, log, origins, cache=False):
         port, tls_port = free_port(), free_port()
-        conf = self.work / f"haproxy-{threads}-{log}.cfg"
+        conf = self.work / f"haproxy-{threads}-{log}{'-cache' if cache else ''}.cfg"
+        # HAProxy's cache: in memory, total-max-size in MiB.
+        cache_section = "cache bench\n  total-max-size 256\n  max-age 3600\n" if cache else ""
+        cache_use = ("  http-request cache-use bench\n  http-response cache-store bench\n"
+                     if cache else "")
         servers = "\n".join(f"  server o{i} 127.0.0.1:{p}" for i, p in enumerate(origins))
         logging = ("  log stdout format raw local0\n", "  log global\n  option httplog\n") if log else ("", "")
         conf.write_text(f"""
@@ -242,6 +266,7 @@ defaults
   option http-keep-alive
   http-reuse always
 
+{cache_section}
 frontend bench
   bind 127.0.0.1:{port}
   bind 127.0.0.1:{tls_port} ssl crt {self.pem}
@@ -249,15 +274,18 @@ frontend bench
 
 backend origin
   balance roundrobin
-{servers}
+{cache_use}{servers}
 """)
-        server = self.spawn("haproxy", ["haproxy", "-db", "-f", str(conf)], port, f"haproxy-{threads}-{log}")
+        server = self.spawn("haproxy", ["haproxy", "-db", "-f", str(conf)], port,
+                            f"haproxy-{threads}-{log}{'-cache' if cache else ''}")
         server.extra["tls"] = tls_port
         return server
 
-    def start_kingdom(self, threads, log, origins):
+    def start_kingdom(self, threads, log, origins, cache=False):
         port, tls_port, admin = free_port(), free_port(), free_port()
-        conf = self.work / f"kingdom-{threads}-{log}.yaml"
+        conf = self.work / f"kingdom-{threads}-{log}{'-cache' if cache else ''}.yaml"
+        cached_route = (f"  - {{ name: cached, match: {{ path_prefix: {CACHED} }}, pool: origin, cache: {{}} }}\n"
+                        if cache else "")
         access = f"{self.work}/kingdom-access.log" if log else "off"
         backends = ", ".join(f"{{ address: 127.0.0.1:{p} }}" for p in origins)
         conf.write_text(f"""
@@ -272,34 +300,46 @@ pools:
   origin:
     balance: weighted_round_robin
     backends: [{backends}]
-routes: [{{ name: bench, match: {{ path_prefix: / }}, pool: origin }}]
+cache: {{ memory: 256MiB }}
+routes:
+{cached_route}  - {{ name: bench, match: {{ path_prefix: / }}, pool: origin }}
 access_log: {{ output: {access} }}
 """)
         server = self.spawn(
             "kingdom-edge",
             [str(self.args.kingdom), "run", "-c", str(conf)],
             port,
-            f"kingdom-{threads}-{log}",
+            f"kingdom-{threads}-{log}{'-cache' if cache else ''}",
         )
         server.extra["admin"] = admin
         server.extra["tls"] = tls_port
         return server
 
-    def start(self, name, threads, log, origins):
+    def start_varnish(self, threads, log, origins, cache=True):
+        """Varnish, the reference memory cache: one backend (the first origin), malloc storage."""
+        port = free_port()
+        workdir = self.work / "varnish"
+        workdir.mkdir(exist_ok=True)
+        argv = ["varnishd", "-F", "-a", f"127.0.0.1:{port}", "-b", f"127.0.0.1:{origins[0]}",
+                "-s", "malloc,256m", "-n", str(workdir), "-j", "none", "-p", f"thread_pools={threads}"]
+        return self.spawn("varnish", argv, port, f"varnish-{threads}")
+
+    def start(self, name, threads, log, origins, cache=False):
         return {
             "nginx": self.start_nginx,
             "haproxy": self.start_haproxy,
+            "varnish": self.start_varnish,
             "kingdom-edge": self.start_kingdom,
-        }[name](threads, log, origins)
+        }[name](threads, log, origins, cache)
 
     # --- measurements ----------------------------------------------------------------------
 
-    def throughput(self, server, measure_cpu=True):
+    def throughput(self, server, measure_cpu=True, path="/"):
         """Closed loop: wrk, 50 connections. Returns (req/s, µs of proxy CPU per request)."""
         pids = server.pids() if measure_cpu else []
         before = cpu_seconds(pids)
         out = subprocess.run(
-            ["wrk", "-t2", "-c50", f"-d{self.args.duration}s", f"http://127.0.0.1:{server.port}/"],
+            ["wrk", "-t2", "-c50", f"-d{self.args.duration}s", f"http://127.0.0.1:{server.port}{path}"],
             capture_output=True, text=True, timeout=self.args.duration + 30, check=True,
         ).stdout
         after = cpu_seconds(pids)
@@ -325,6 +365,30 @@ access_log: {{ output: {access} }}
         if success < 0.99:
             raise RuntimeError(f"{server.name}: success rate {success} at {rate} req/s")
         return pct["p50"] * 1e3, pct["p99"] * 1e3, pct["p99.9"] * 1e3
+
+    def cache_hits(self, threads, origins):
+        """Hits on one stored URL, every cache interleaved; the rows for the cache table."""
+        tag = f"{threads} thread{'s' if threads > 1 else ''}, log off"
+        servers = {c: self.start(c, threads, False, origins, cache=True) for c in CACHES}
+        for s in servers.values():
+            for _ in range(3):  # the first stores it; the next ones must be hits
+                assert BODY.strip() in http_get(s.port, CACHED), f"{s.name} does not proxy {CACHED}"
+        rps = {c: [] for c in CACHES}
+        cpu = {c: [] for c in CACHES}
+        for r in range(self.args.rounds):
+            for c in CACHES:
+                value, us = self.throughput(servers[c], path=CACHED)
+                rps[c].append(value)
+                cpu[c].append(us)
+                print(f"[cache hits, {tag}] round {r + 1}: {c} {value:,.0f} req/s, {us:.1f} µs CPU/req",
+                      file=sys.stderr)
+        for s in servers.values():
+            s.stop()
+            self.servers.remove(s)
+        return [
+            (f"cache hits, req/s ({tag})", rps, lambda v: f"{v:,.0f}", {}),
+            (f"CPU per cache hit, µs ({tag})", cpu, lambda v: f"{v:.1f}", {}),
+        ]
 
     def memory(self, server, n, tls=False):
         """PSS at rest, then PSS per idle keep-alive connection that has served one request."""
@@ -411,6 +475,8 @@ def main():
     parser.add_argument("--out", help="also write the report here")
     parser.add_argument("--memory-only", action="store_true",
                         help="measure only memory (at rest, idle plain and TLS connections), log off")
+    parser.add_argument("--cache-only", action="store_true",
+                        help="measure only cache hits (nginx, HAProxy, Varnish, kingdom-edge)")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the `finally` below stops every process started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -418,13 +484,13 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="kingdom-bench-") as work:
         bench = Bench(args, work)
-        rows = []
+        rows, cache_rows = [], []
         try:
             origins = [free_port(), free_port()]
             origin = bench.start_origin(origins)
             assert BODY.strip() in http_get(origins[0])
             direct = []
-            for threads in threads_list:
+            for threads in ([] if args.cache_only else threads_list):
                 for log in ((False,) if args.memory_only else (False, True)):
                     tag = f"{threads} thread{'s' if threads > 1 else ''}, log {'on' if log else 'off'}"
                     servers = {p: bench.start(p, threads, log, origins) for p in PROXIES}
@@ -477,9 +543,8 @@ def main():
                     for s in servers.values():
                         s.stop()
                         bench.servers.remove(s)
-            rows.append(("cache hits, req/s", {}, str,
-                         {"nginx": "not measured", "haproxy": "no cache",
-                          "kingdom-edge": "caching not built yet"}))
+            if not args.memory_only:
+                cache_rows.extend(bench.cache_hits(threads_list[0], origins))
         finally:
             bench.stop_all()
 
@@ -489,17 +554,23 @@ def main():
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
         "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
         "kingdom-edge": subprocess.run([str(args.kingdom), "--version"], capture_output=True, text=True).stdout.strip(),
+        "varnish": (subprocess.run(["varnishd", "-V"], capture_output=True, text=True).stderr.strip().splitlines()
+                    or ["varnish: not installed"])[0],
     }
     report = "\n".join([
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores ({cpu_model}), "
         f"{args.rounds} rounds of {args.duration}s per cell, proxies interleaved; "
         f"median (min–max) ×ratio to nginx.",
-        f"Versions: {versions['nginx']}; {versions['haproxy']}; {versions['kingdom-edge']}.",
-        "" if args.memory_only else
+        f"Versions: {versions['nginx']}; {versions['haproxy']}; {versions['varnish']}; {versions['kingdom-edge']}.",
+        "" if args.memory_only or args.cache_only else
         f"The same closed-loop load straight to the origin, with no proxy (the ceiling): "
         f"{summary(direct, lambda v: f'{v:,.0f}')[1]} req/s.",
         "",
-        render(rows, ["nginx", "haproxy", "kingdom-edge"]),
+        render(rows, ["nginx", "haproxy", "kingdom-edge"]) if rows else "",
+        *(["", "Cache hits: one URL the origin marks `public, max-age=3600`, stored once, then the same "
+           "closed-loop load; nginx's proxy_cache (on disk, in the page cache), HAProxy's memory "
+           "cache, Varnish (malloc storage), kingdom-edge's memory cache.", "",
+           render(cache_rows, CACHES)] if cache_rows else []),
     ])
     print(report)
     if args.out:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# kingdom-edge vs nginx vs HAProxy, side by side in one run. Installs what is missing (nginx,
-# haproxy and wrk from Debian packages, oha from crates.io), builds kingdom-edge in release
+# kingdom-edge vs nginx vs HAProxy (and Varnish for cache hits), side by side in one run.
+# Installs what is missing (nginx, haproxy, varnish and wrk from Debian packages, oha from
+# crates.io), builds kingdom-edge in release
 # mode, then runs bench/compare.py. Arguments are passed on, e.g. `--rounds 5 --duration 15`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ need=()
 for tool in nginx haproxy wrk cmake; do
   command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
+command -v varnishd >/dev/null 2>&1 || need+=(varnish)
 if [ ${#need[@]} -gt 0 ]; then
   $as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq "${need[@]}" >/dev/null
