@@ -37,6 +37,13 @@ pub struct Metrics {
     slowed_down: IntCounterVec,
     /// `kingdom_edge_shed_total{priority}`, one handle per priority in [`PRIORITIES`] order.
     pub shed: [IntCounter; 3],
+    cache_lookups: IntCounterVec,
+    /// `kingdom_edge_cache_bytes`: what the response cache holds.
+    pub cache_bytes: IntGauge,
+    /// `kingdom_edge_cache_objects`.
+    pub cache_objects: IntGauge,
+    /// `kingdom_edge_cache_evictions_total`.
+    pub cache_evictions: IntCounter,
     /// Client connections closed because the client ran out of time.
     pub client_timeouts: ClientTimeouts,
     /// Client connections open now, over all listeners (exported; the exact count is
@@ -56,6 +63,43 @@ pub struct Metrics {
     pub config_version: IntGauge,
     /// Admin requests refused for a missing or wrong token.
     pub admin_auth_failures: IntCounter,
+}
+
+/// How the cache answered a request of a cached route (`kingdom_edge_cache_lookups_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Answered from a fresh entry.
+    Hit,
+    /// Nothing stored: fetched.
+    Miss,
+    /// A stale entry: fetched anew, or served stale.
+    Stale,
+    /// A stale entry the origin confirmed (304).
+    Revalidated,
+    /// Not looked up (not a GET or HEAD).
+    Bypass,
+}
+
+impl CacheResult {
+    /// Every result, in index order.
+    pub const ALL: [CacheResult; 5] = [
+        CacheResult::Hit,
+        CacheResult::Miss,
+        CacheResult::Stale,
+        CacheResult::Revalidated,
+        CacheResult::Bypass,
+    ];
+
+    /// Its `result` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
+            CacheResult::Revalidated => "revalidated",
+            CacheResult::Bypass => "bypass",
+        }
+    }
 }
 
 /// The `priority` labels of `kingdom_edge_shed_total`, highest first.
@@ -124,6 +168,29 @@ impl Metrics {
         .expect("static metric definition");
         let in_flight = IntGauge::new("kingdom_edge_in_flight", "Requests in progress.")
             .expect("static metric definition");
+        let cache_lookups = IntCounterVec::new(
+            Opts::new(
+                "kingdom_edge_cache_lookups_total",
+                "Requests on cached routes, by route and how the cache answered.",
+            ),
+            &["route", "result"],
+        )
+        .expect("static metric definition");
+        let cache_bytes = IntGauge::new(
+            "kingdom_edge_cache_bytes",
+            "Bytes the response cache holds (bodies, headers and bookkeeping).",
+        )
+        .expect("static metric definition");
+        let cache_objects = IntGauge::new(
+            "kingdom_edge_cache_objects",
+            "Responses the response cache holds.",
+        )
+        .expect("static metric definition");
+        let cache_evictions = IntCounter::new(
+            "kingdom_edge_cache_evictions_total",
+            "Responses evicted from the cache to keep it within cache.memory.",
+        )
+        .expect("static metric definition");
         let slow_down_waiting = IntGauge::new(
             "kingdom_edge_slow_down_waiting",
             "Requests in progress that a slow-down policy is holding back.",
@@ -264,6 +331,10 @@ impl Metrics {
             Box::new(upstream.clone()),
             Box::new(in_flight.clone()),
             Box::new(slow_down_waiting.clone()),
+            Box::new(cache_lookups.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_objects.clone()),
+            Box::new(cache_evictions.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(sidecar_restarts.clone()),
             Box::new(backend_healthy.clone()),
@@ -304,6 +375,10 @@ impl Metrics {
             rate_limit_keys,
             slowed_down,
             shed: PRIORITIES.map(|priority| shed.with_label_values(&[priority])),
+            cache_lookups,
+            cache_bytes,
+            cache_objects,
+            cache_evictions,
             client_timeouts,
             client_connections,
             open_connections: std::sync::atomic::AtomicUsize::new(0),
@@ -342,6 +417,8 @@ impl Metrics {
             limits: Default::default(),
             duration: self.duration.with_label_values(&[route]),
             truncated: self.truncated.with_label_values(&[route]),
+            cache_family: self.cache_lookups.clone(),
+            cache_results: Default::default(),
             retired: Default::default(),
         }
     }
@@ -397,6 +474,13 @@ impl Metrics {
         }
         for (_, reason) in route.reasons.iter().filter_map(OnceLock::get) {
             let _ = self.rejected.remove_label_values(&[name, reason]);
+        }
+        for result in CacheResult::ALL {
+            if route.cache_results[result as usize].get().is_some() {
+                let _ = self
+                    .cache_lookups
+                    .remove_label_values(&[name, result.label()]);
+            }
         }
         for policy in route
             .limits
@@ -502,6 +586,9 @@ pub struct RouteMetrics {
     duration: prometheus::Histogram,
     /// `kingdom_edge_responses_truncated_total{route}`.
     pub truncated: IntCounter,
+    cache_family: IntCounterVec,
+    /// By [`CacheResult`], created on first use.
+    cache_results: [OnceLock<IntCounter>; CacheResult::ALL.len()],
     /// Its series were removed: no code counter is created any more.
     retired: std::sync::atomic::AtomicBool,
 }
@@ -529,8 +616,26 @@ impl RouteMetrics {
             ))
             .expect("static metric definition"),
             truncated: detached_counter(),
+            cache_family: family(),
+            cache_results: Default::default(),
             retired: Default::default(),
         }
+    }
+
+    /// Counts one request of a cached route by how the cache answered it.
+    pub fn count_cache_lookup(&self, result: CacheResult) {
+        let slot = &self.cache_results[result as usize];
+        if self.is_retired() {
+            if let Some(counter) = slot.get() {
+                counter.inc();
+            }
+            return;
+        }
+        slot.get_or_init(|| {
+            self.cache_family
+                .with_label_values(&[self.route.as_str(), result.label()])
+        })
+        .inc();
     }
 
     /// Whether its series were removed.

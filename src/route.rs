@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use http::Method;
 
+use crate::cache::policy::CachePolicy;
 use crate::config::raw::{RawAuth, RawRoute};
 use crate::config::Errors;
 use crate::metrics::RouteMetrics;
@@ -46,6 +47,8 @@ pub struct Route {
     pub security_headers: SecurityHeaders,
     /// Its CORS rules; `None` leaves CORS (and preflights) to the upstream.
     pub cors: Option<Cors>,
+    /// What it caches; `None` caches nothing.
+    pub cache: Option<CachePolicy>,
     /// What a path holding `%2F` or `%5C` gets here.
     pub escaped_slashes: EscapedSlashes,
     /// Request head limits (the server's unless the route sets its own).
@@ -292,6 +295,10 @@ pub fn compile(
             .cors
             .as_ref()
             .map(|raw| Cors::compile(raw, &format!("{at}.cors"), errors));
+        let cache = route
+            .cache
+            .as_ref()
+            .and_then(|raw| CachePolicy::compile(raw, &format!("{at}.cache"), errors));
 
         let mut rate_limits = Vec::new();
         for (j, name) in route.rate_limit.iter().flatten().enumerate() {
@@ -352,6 +359,7 @@ pub fn compile(
                 priority: Priority::compile(route.priority),
                 security_headers,
                 cors,
+                cache,
                 escaped_slashes,
                 limits,
                 fingerprint: fingerprint(route),

@@ -956,4 +956,19 @@ async fn the_default_config_enforces_the_platforms_limits_with_exact_headers() {
         preflight("https://evil.example").await.unwrap().status(),
         403
     );
+
+    // The content pool's cacheable GETs are cached: the templates come from the cache the
+    // second time, from the content service once.
+    let templates = || http.get(edge.url("/v1/content/templates")).send();
+    let first = templates().await.unwrap();
+    assert_eq!(
+        header(&first, "cache-status"),
+        Some("kingdom-edge; fwd=miss; stored")
+    );
+    let instance = header(&first, "x-instance").map(str::to_string);
+    let again = templates().await.unwrap();
+    assert!(header(&again, "cache-status")
+        .unwrap()
+        .starts_with("kingdom-edge; hit; ttl="));
+    assert_eq!(header(&again, "x-instance").map(str::to_string), instance);
 }

@@ -57,6 +57,8 @@ pub struct AdminState {
     pub started: Instant,
     /// Request rates, sampled every second.
     pub rates: Arc<Rates>,
+    /// The response cache, for purges.
+    pub cache: Arc<crate::cache::Cache>,
 }
 
 /// The admin API.
@@ -68,6 +70,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status::status))
         .route("/reload", post(reload))
+        .route("/cache/purge", post(purge))
         .route("/pools/{pool}/backends/{address}", get(backend))
         .route("/pools/{pool}/backends/{address}/drain", post(drain))
         .route("/pools/{pool}/backends/{address}/undrain", post(undrain))
@@ -176,6 +179,52 @@ async fn reload(State(state): State<AdminState>) -> Response {
         StatusCode::UNPROCESSABLE_ENTITY
     };
     (code, Json(json!(*report))).into_response()
+}
+
+/// What `POST /cache/purge` removes: one URL or every URL under a prefix.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Purge {
+    /// `scheme://host/path`: every query string and variant of it.
+    url: Option<String>,
+    /// Every URL that starts with this.
+    prefix: Option<String>,
+}
+
+/// `POST /cache/purge` with `{"url": "http://host/path"}` or `{"prefix": "http://host/"}`:
+/// removes the stored responses, and says how many.
+async fn purge(State(state): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let purge: Purge = match serde_json::from_slice(&body) {
+        Ok(purge) => purge,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+    };
+    let purged = match (purge.url, purge.prefix) {
+        (Some(url), None) => match crate::cache::policy::purge_url(&url) {
+            Some(url) => state.cache.purge_url(&url),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "`url` must be scheme://host[:port]/path",
+                )
+            }
+        },
+        (None, Some(prefix)) if !prefix.is_empty() => {
+            let prefix = crate::cache::policy::purge_url(&prefix).unwrap_or(prefix);
+            state
+                .cache
+                .purge_where(|stored| stored.starts_with(&prefix))
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "give either `url` or a non-empty `prefix`",
+            )
+        }
+    };
+    tracing::info!(purged, "cache purged by the admin API");
+    Json(json!({ "purged": purged })).into_response()
 }
 
 #[derive(Deserialize)]

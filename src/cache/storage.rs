@@ -14,7 +14,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -57,9 +57,15 @@ pub fn weight(body: usize, meta: &(Vec<u8>, Vec<u8>)) -> usize {
 /// One shard: objects by their combined (primary and variance) hash.
 type Shard = RwLock<HashMap<HashBinary, Arc<Object>>>;
 
+/// One shard of the URL index: the keys stored under each URL.
+type UrlShard = Mutex<HashMap<Box<str>, Vec<HashBinary>>>;
+
 /// Complete responses in memory.
 pub struct MemoryStorage {
     shards: Box<[Shard]>,
+    /// The keys stored under each URL (all its queries and variants), so that a change to
+    /// one URL finds them without a scan: sharded like the objects, by a hash of the URL.
+    urls: Box<[UrlShard]>,
     /// Largest body kept, in bytes.
     max_object: usize,
     bytes: AtomicUsize,
@@ -71,6 +77,7 @@ impl MemoryStorage {
     pub fn new(max_object: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            urls: (0..SHARDS).map(|_| Mutex::default()).collect(),
             max_object,
             bytes: AtomicUsize::new(0),
             objects: AtomicUsize::new(0),
@@ -105,6 +112,26 @@ impl MemoryStorage {
         removed
     }
 
+    /// Removes every object stored under `url` (all its queries and variants); returns the
+    /// keys removed. Costs the URL's objects, not the store's.
+    pub fn purge_url(&self, url: &str) -> Vec<CompactCacheKey> {
+        let keys = lock(self.url_shard(url)).remove(url).unwrap_or_default();
+        let mut removed = Vec::new();
+        for combined in keys {
+            let object = write(self.shard(&combined)).remove(&combined);
+            if let Some(object) = object {
+                self.forget_counts(&object);
+                removed.push(object.key.clone());
+            }
+        }
+        removed
+    }
+
+    fn url_shard(&self, url: &str) -> &UrlShard {
+        let hash = pingora::cache::key::hash_key(url);
+        &self.urls[usize::from(hash[0]) % SHARDS]
+    }
+
     fn shard(&self, combined: &HashBinary) -> &Shard {
         // Blake2 output: any byte is as good as any other.
         &self.shards[usize::from(combined[0]) % SHARDS]
@@ -113,11 +140,19 @@ impl MemoryStorage {
     /// Stores `object` under `combined`, replacing (and uncounting) what was there.
     fn insert(&self, combined: HashBinary, object: Object) {
         let weight = object.weight();
+        {
+            let mut urls = lock(self.url_shard(&object.url));
+            let keys = urls.entry(object.url.clone()).or_default();
+            if !keys.contains(&combined) {
+                keys.push(combined);
+            }
+        }
         let old = write(self.shard(&combined)).insert(combined, Arc::new(object));
         self.bytes.fetch_add(weight, Ordering::Relaxed);
         self.objects.fetch_add(1, Ordering::Relaxed);
         if let Some(old) = old {
-            self.forget(&old);
+            // Replaced under the same key: the index already holds it.
+            self.forget_counts(&old);
         }
     }
 
@@ -126,10 +161,27 @@ impl MemoryStorage {
         removed.inspect(|object| self.forget(object)).is_some()
     }
 
+    /// Uncounts a removed object and drops it from the URL index.
     fn forget(&self, object: &Object) {
+        self.forget_counts(object);
+        let combined = object.key.combined_bin();
+        let mut urls = lock(self.url_shard(&object.url));
+        if let Some(keys) = urls.get_mut(&object.url) {
+            keys.retain(|k| *k != combined);
+            if keys.is_empty() {
+                urls.remove(&object.url);
+            }
+        }
+    }
+
+    fn forget_counts(&self, object: &Object) {
         self.bytes.fetch_sub(object.weight(), Ordering::Relaxed);
         self.objects.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -472,5 +524,36 @@ mod tests {
         assert!(held > LIMIT / 2, "the cache is used: {held}");
         assert_eq!(held, lru.total_size(), "the store and the manager agree");
         assert_eq!(store.objects(), lru.total_items());
+    }
+
+    #[tokio::test]
+    async fn a_url_is_purged_through_its_index_with_every_variant() {
+        let store = leak(MemoryStorage::new(1024));
+        let key = |url: &str, variance: Option<&str>| {
+            let mut key = CacheKey::new(url, "");
+            if let Some(v) = variance {
+                key.set_variance_key(pingora::cache::key::hash_key(v));
+            }
+            // Distinct primaries (two queries) under one URL, as `policy::key` makes them.
+            key.set_primary_bin_override(pingora::cache::key::hash_key(format!(
+                "{url}{variance:?}"
+            )));
+            key
+        };
+        put(store, &key("http://a/x", None), &[b"1"], true).await;
+        put(store, &key("http://a/x", Some("gzip")), &[b"2"], true).await;
+        put(store, &key("http://a/x", Some("gzip")), &[b"2b"], true).await;
+        put(store, &key("http://a/y", None), &[b"3"], true).await;
+        assert_eq!(store.objects(), 3);
+        assert_eq!(store.purge_url("http://a/x").len(), 2);
+        assert_eq!(
+            store.purge_url("http://a/x").len(),
+            0,
+            "the index let go of them"
+        );
+        assert_eq!(store.objects(), 1);
+        assert_eq!(store.purge_where(|_| true).len(), 1);
+        assert_eq!(store.purge_url("http://a/y").len(), 0);
+        assert_eq!((store.objects(), store.bytes()), (0, 0));
     }
 }

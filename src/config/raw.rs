@@ -30,6 +30,32 @@ pub struct RawConfig {
     /// Named slow-down policies, for routes' `slow_down`. Default: none.
     #[serde(default)]
     pub slow_down: BTreeMap<String, RawSlowDown>,
+    /// The response cache's memory, for routes' `cache`. Default: see `cache::Settings`.
+    pub cache: Option<RawCache>,
+}
+
+/// `cache` (top level).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// Bytes of responses kept at most. Default: 256MiB.
+    pub memory: Option<Size>,
+    /// Largest response body kept. Default: 8MiB.
+    pub max_object: Option<Size>,
+    /// How long a request waits for another's fetch of the same key. Default: 5s.
+    pub lock_timeout: Option<Dur>,
+}
+
+/// `routes[].cache`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    /// Default: true.
+    pub enabled: Option<bool>,
+    /// Freshness of a response that states none. Default: none (not stored).
+    pub default_ttl: Option<Dur>,
+    /// Request headers whose values are part of the cache key. Default: none.
+    pub key_headers: Option<Vec<String>>,
 }
 
 /// `rate_limits.<name>`.
@@ -510,6 +536,8 @@ pub struct RawRoute {
     pub security_headers: Option<RawSecurityHeaders>,
     /// Cross-origin requests, answered at the edge. Default: none (preflights go upstream).
     pub cors: Option<RawCors>,
+    /// Response caching for the route's GETs. Default: off.
+    pub cache: Option<RawRouteCache>,
 }
 
 /// `routes[].match:`.

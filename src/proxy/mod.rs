@@ -48,6 +48,8 @@ use self::admit::Admission;
 use self::decorate::{decorate, Decoration};
 use crate::access_log::{self, AccessLog, Entry};
 use crate::balance::BackendId;
+use crate::cache::policy::{self as cache_policy, CachePolicy};
+use crate::cache::Cache;
 use crate::errors::{self, Refusal, Rejection};
 use crate::forwarded::{self, Forwarded, Incoming};
 use crate::live::{InFlight as BackendInFlight, PoolRequest};
@@ -71,6 +73,8 @@ pub struct EdgeProxy {
     tls: bool,
     /// Set from SIGTERM on: HTTP/1 responses close their connection.
     draining: Arc<AtomicBool>,
+    /// The process's response cache.
+    cache: Arc<Cache>,
 }
 
 impl EdgeProxy {
@@ -82,6 +86,7 @@ impl EdgeProxy {
         listener: String,
         tls: bool,
         draining: Arc<AtomicBool>,
+        cache: Arc<Cache>,
     ) -> Self {
         Self {
             store,
@@ -90,6 +95,18 @@ impl EdgeProxy {
             listener,
             tls,
             draining,
+            cache,
+        }
+    }
+
+    /// The scheme the client used and the `X-Forwarded-Host` the upstream is told, as
+    /// `forwarded` decided them (a trusted proxy's word counts): both shape the upstream's
+    /// answer, so both are part of the cache key.
+    fn cache_scheme_and_host<'c>(&self, ctx: &'c RequestCtx) -> (&'c str, Option<&'c str>) {
+        let own = if self.tls { "https" } else { "http" };
+        match &ctx.forwarded {
+            Some(f) => (f.proto.as_str(), f.host.as_deref()),
+            None => (own, None),
         }
     }
 
@@ -138,6 +155,8 @@ pub struct RequestCtx {
     pool_request: Option<PoolRequest>,
     /// The subject of the request's verified bearer token.
     user: Option<String>,
+    /// Whether the response was found storable (set on a cache miss).
+    cache_stored: bool,
     /// Headers admission adds to the response (the RateLimit fields).
     admission_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Whether the client connection is TLS.
@@ -335,6 +354,7 @@ impl ProxyHttp for EdgeProxy {
             refusal_headers: Vec::new(),
             pool_request: None,
             user: None,
+            cache_stored: false,
             admission_headers: Vec::new(),
             tls: self.tls,
             pin: None,
@@ -411,6 +431,15 @@ impl ProxyHttp for EdgeProxy {
         if ctx.asterisk {
             return answer_options_asterisk(session, ctx).await;
         }
+        if session
+            .req_header()
+            .method
+            .as_str()
+            .eq_ignore_ascii_case("PURGE")
+        {
+            // Purging is the admin API's (`POST /cache/purge`), never a client's.
+            return answer(session, ctx, Rejection::MethodNotAllowed).await;
+        }
         let snapshot = ctx.snapshot.clone();
         let id = match route_request(&snapshot, session.req_header_mut()) {
             Ok(Some(id)) => id,
@@ -422,7 +451,6 @@ impl ProxyHttp for EdgeProxy {
         if let Err(rejection) = route.limits.check(&ctx.head_size) {
             return answer(session, ctx, rejection).await;
         }
-        let pool = snapshot.pool(route.pool);
         let now = admit::Now {
             unix: unix_now(),
             nanos: crate::ratelimit::nanos(Instant::now()),
@@ -456,20 +484,37 @@ impl ProxyHttp for EdgeProxy {
             }
             Err(refusal) => return answer(session, ctx, refusal).await,
         }
-        // `timeouts.total` counts from here: a slow-down's wait is not the upstream's.
+        Ok(false)
+    }
+
+    /// On to the pool (the request was not answered from the cache): its limits, then the
+    /// client's body.
+    async fn proxy_upstream_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        let snapshot = ctx.snapshot.clone();
+        let Some(pool) = ctx.route.map(|id| snapshot.pool(snapshot.route(id).pool)) else {
+            return reject(ctx, Rejection::Internal);
+        };
+        // `timeouts.total` counts from here: a slow-down's wait, or one for another request's
+        // fetch of the same cached URL, is not the upstream's.
         if !session.is_upgrade_req() {
             ctx.deadline = pool.timeouts.total.map(|total| Instant::now() + total);
         }
         let Some(request) = pool.state.start(pool.max_in_flight) else {
             pool.state.metrics.rejected_max_in_flight.inc();
-            return answer(session, ctx, Rejection::PoolSaturated).await;
+            return answer(session, ctx, Rejection::PoolSaturated)
+                .await
+                .map(|_| false);
         };
         ctx.pool_request = Some(request);
         if let Err(rejection) = expect_continue(session).await {
-            return answer(session, ctx, rejection).await;
+            return answer(session, ctx, rejection).await.map(|_| false);
         }
         (ctx.pin, ctx.pin_expires) = sticky_pin(pool, session.req_header()).unzip();
-        Ok(false)
+        Ok(true)
     }
 
     async fn request_body_filter(
@@ -692,6 +737,73 @@ impl ProxyHttp for EdgeProxy {
         Ok(None)
     }
 
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let cached = ctx.route().is_some_and(|r| r.cache.is_some());
+        // A request with a body is not looked up: the body is not in the key.
+        if cached && CachePolicy::applies_to(session.req_header()) && session.is_body_empty() {
+            let cache = &self.cache;
+            // Waiting for another request's fetch of the key: at most `cache.lock_timeout`.
+            let mut wait = pingora::cache::CacheOptionOverrides::default();
+            wait.wait_timeout = Some(cache.settings.lock_timeout);
+            session.cache.enable(
+                cache.storage,
+                Some(cache.eviction),
+                Some(cache.predictor),
+                Some(cache.lock),
+                Some(wait),
+            );
+            session
+                .cache
+                .set_max_file_size_bytes(cache.settings.max_object);
+        }
+        Ok(())
+    }
+
+    fn cache_key_callback(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<pingora::cache::CacheKey> {
+        let Some(policy) = ctx.route().and_then(|r| r.cache.as_ref()) else {
+            return Error::e_explain(ErrorType::InternalError, "caching without a cache policy");
+        };
+        let req = session.req_header();
+        let (scheme, forwarded_host) = self.cache_scheme_and_host(ctx);
+        let host = request_host(req).unwrap_or("");
+        Ok(policy.key(scheme, host, forwarded_host, req))
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        response: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<pingora::cache::RespCacheable> {
+        let Some(policy) = ctx.route().and_then(|r| r.cache.as_ref()) else {
+            let reason = pingora::cache::NoCacheReason::NeverEnabled;
+            return Ok(pingora::cache::RespCacheable::Uncacheable(reason));
+        };
+        let req = session.req_header();
+        if req.method == http::Method::HEAD {
+            // A HEAD is answered from a GET's entry; its own answer has no body to store.
+            let reason = pingora::cache::NoCacheReason::Custom(cache_policy::HEAD_REASON);
+            return Ok(pingora::cache::RespCacheable::Uncacheable(reason));
+        }
+        let authorization = req.headers.contains_key(header::AUTHORIZATION);
+        let verdict = policy.cacheable(response, authorization);
+        ctx.cache_stored = matches!(verdict, pingora::cache::RespCacheable::Cacheable(_));
+        Ok(verdict)
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &pingora::cache::CacheMeta,
+        _ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<pingora::cache::key::HashBinary> {
+        cache_policy::variance(meta, req)
+    }
+
     async fn response_filter(
         &self,
         session: &mut Session,
@@ -705,6 +817,22 @@ impl ProxyHttp for EdgeProxy {
         }
         strip_hop_by_hop(response);
         decorate(response, &ctx.decoration(session.req_header()));
+        if let Some(route) = ctx.route().filter(|r| r.cache.is_some()) {
+            let status = cache_status(session, ctx.cache_stored);
+            route.metrics.count_cache_lookup(status.result);
+            response.insert_header("cache-status", status.value)?;
+        }
+        let req = session.req_header();
+        let changed = !req.method.is_safe() && (200..400).contains(&response.status.as_u16());
+        if changed && self.cache.storage.objects() > 0 {
+            // A change went through, whichever route took it: what the cache holds of it is
+            // out of date (RFC 9111 §4.4), at its URL and at those the answer names.
+            let (scheme, _) = self.cache_scheme_and_host(ctx);
+            let urls = cache_policy::invalidated(scheme, request_host(req), req, response);
+            for url in &urls {
+                self.cache.purge_url(url);
+            }
+        }
         if let (Some(choice), Some(pool)) = (ctx.choice, ctx.pool()) {
             if let (Some(sticky), Some(backend)) = (&pool.sticky, pool.backend(choice.id)) {
                 let now = unix_now();
@@ -999,6 +1127,56 @@ fn request_cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(n, _)| *n == name)
         .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// How the cache answered a request, for `cache-status` and the lookup counter.
+struct CacheStatus {
+    /// `cache-status` (RFC 9211).
+    value: String,
+    /// The `result` label of `kingdom_edge_cache_lookups_total`.
+    result: crate::metrics::CacheResult,
+}
+
+/// The cache's part in the answer to `session`'s request on a cached route; `stored` says
+/// whether a fetched response was found storable.
+fn cache_status(session: &Session, stored: bool) -> CacheStatus {
+    use crate::metrics::CacheResult;
+    use pingora::cache::CachePhase;
+    let cache = &session.cache;
+    let collapsed = match cache.lock_duration() {
+        Some(_) => "; collapsed",
+        None => "",
+    };
+    let stored = if stored { "; stored" } else { "" };
+    let (value, result) = match cache.phase() {
+        CachePhase::Hit => {
+            let ttl = cache
+                .cache_meta()
+                .fresh_until()
+                .duration_since(SystemTime::now())
+                .map_or(0, |left| left.as_secs());
+            (format!("hit; ttl={ttl}{collapsed}"), CacheResult::Hit)
+        }
+        CachePhase::Miss => (format!("fwd=miss{stored}{collapsed}"), CacheResult::Miss),
+        CachePhase::Expired => (format!("fwd=stale{stored}{collapsed}"), CacheResult::Stale),
+        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => (
+            format!("fwd=stale; fwd-status=304{stored}"),
+            CacheResult::Revalidated,
+        ),
+        CachePhase::Stale | CachePhase::StaleUpdating => {
+            ("hit; fwd=stale".to_string(), CacheResult::Stale)
+        }
+        // Not a GET or HEAD: never looked up.
+        _ if !CachePolicy::applies_to(session.req_header()) => {
+            ("fwd=method".to_string(), CacheResult::Bypass)
+        }
+        // Looked up and fetched, then found not storable (the cache let go of it).
+        _ => (format!("fwd=miss{collapsed}"), CacheResult::Miss),
+    };
+    CacheStatus {
+        value: format!("kingdom-edge; {value}"),
+        result,
+    }
 }
 
 fn unix_now() -> u64 {

@@ -229,6 +229,8 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
         .as_ref()
         .map(|a| format!("http://{}", a.address));
 
+    // The cache outlives every snapshot: made once, from the config the process starts with.
+    let cache = Arc::new(crate::cache::Cache::new(snapshot.cache));
     for (listener, tls) in snapshot.listeners.iter().zip(tls_settings) {
         let proxy = EdgeProxy::new(
             store.clone(),
@@ -237,6 +239,7 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
             listener.name.clone(),
             tls.is_some(),
             draining.clone(),
+            cache.clone(),
         );
         let mut service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
@@ -312,13 +315,16 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
     });
     background.task({
         let live = live.clone();
+        let (cache, metrics) = (cache.clone(), metrics.clone());
         move || {
+            let (cache, metrics) = (cache.clone(), metrics.clone());
             Box::pin(async move {
                 let mut every = tokio::time::interval(REAP_EVERY);
                 loop {
                     every.tick().await;
                     live.reap();
                     live.sweep(crate::ratelimit::nanos(std::time::Instant::now()));
+                    cache.report(&metrics);
                 }
             })
         }
@@ -335,6 +341,7 @@ pub fn run(path: &Path, options: RunOptions) -> Result<std::convert::Infallible,
             draining: draining.clone(),
             started: std::time::Instant::now(),
             rates: Default::default(),
+            cache: cache.clone(),
         };
         background.task(move || {
             // After a hand-off the socket is the successor's to serve.

@@ -191,6 +191,7 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
         .iter()
         .filter_map(|(name, r)| slowdown::compile(name, r, &format!("slow_down.{name}"), errors))
         .collect();
+    let cache = crate::cache::Settings::compile(raw.cache.as_ref(), "cache", errors);
     // Every declared name, so a route naming a policy with errors is not reported again.
     let policies = route::Policies {
         rate_limits: &raw.rate_limits.keys().cloned().collect::<Vec<_>>(),
@@ -251,6 +252,7 @@ fn compile_raw(raw: &RawConfig, text: &str, env: Env, errors: &mut Errors) -> Op
         tokens,
         rate_limits,
         slow_downs,
+        cache,
         unrouted: Arc::new(RouteMetrics::detached(NO_ROUTE)),
     })
 }

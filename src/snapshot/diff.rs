@@ -71,6 +71,14 @@ pub fn hold_back(next: &mut Snapshot, current: &Snapshot) -> Vec<HeldBack> {
     }
     next.listeners = listeners;
 
+    if next.cache != current.cache {
+        hold(
+            "cache".into(),
+            "the cache's memory, max_object and lock_timeout: need a restart".into(),
+        );
+        next.cache = current.cache;
+    }
+
     let (s, c) = (&mut next.server, &current.server);
     if s.threads != c.threads {
         hold(

@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub rate_limits: Vec<RateLimit>,
     /// `slow_down:`, likewise.
     pub slow_downs: Vec<SlowDown>,
+    /// `cache:`: the response cache's size (the process keeps the one it started with).
+    pub cache: crate::cache::Settings,
     /// Counters for requests that matched no route.
     pub unrouted: Arc<RouteMetrics>,
 }

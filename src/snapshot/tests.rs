@@ -81,7 +81,7 @@ fn broken_files_give_exact_errors() {
                 "line 1: listeners[0]: unknown field `colour`, expected one of `name`, `address`, `tls`, `default_host`, `h2c`",
                 "line 4: pools.api.backends[0].weight: invalid type: string \"heavy\", expected u32",
                 "line 7: pools.web.timeouts.connect: `soon` is not a duration (e.g. 250ms, 2s, 15m, 1h)",
-                "line 9: routes[0]: unknown field `extra`, expected one of `name`, `match`, `pool`, `max_body`, `escaped_slashes`, `request_limits`, `auth`, `rate_limit`, `slow_down`, `priority`, `methods`, `content_types`, `security_headers`, `cors`",
+                "line 9: routes[0]: unknown field `extra`, expected one of `name`, `match`, `pool`, `max_body`, `escaped_slashes`, `request_limits`, `auth`, `rate_limit`, `slow_down`, `priority`, `methods`, `content_types`, `security_headers`, `cors`, `cache`",
             ],
         ),
         (

@@ -662,6 +662,9 @@ pub enum Misbehaviour {
     /// Dies mid-response: a 200 promising 100 bytes of the given fill, 21 of them, then the
     /// connection closes.
     Die(u8, Framing),
+    /// [`Misbehaviour::Die`] (length-framed) in an answer a cache may store
+    /// (`cache-control: max-age=60`).
+    DieCacheable(u8),
     /// Answers nothing, reads nothing more, holds the connection for two minutes.
     Hang,
     /// Promises 1,000 bytes, then sends one every 200 ms.
@@ -694,16 +697,22 @@ pub async fn misbehaving_upstream(
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
                 match how {
-                    Misbehaviour::Die(fill, framing) => {
-                        let mut answer = match framing {
-                            Framing::Length => {
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec()
+                    Misbehaviour::Die(..) | Misbehaviour::DieCacheable(_) => {
+                        let (fill, head): (u8, &[u8]) = match how {
+                            Misbehaviour::Die(fill, Framing::Length) => {
+                                (fill, b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
                             }
-                            Framing::Chunked => {
-                                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n64\r\n"
-                                    .to_vec()
-                            }
+                            Misbehaviour::Die(fill, Framing::Chunked) => (
+                                fill,
+                                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n64\r\n",
+                            ),
+                            Misbehaviour::DieCacheable(fill) => (
+                                fill,
+                                b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 100\r\n\r\n",
+                            ),
+                            _ => unreachable!("matched above"),
                         };
+                        let mut answer = head.to_vec();
                         answer.extend_from_slice(&[fill; 21]);
                         let _ = stream.write_all(&answer).await;
                         let _ = stream.flush().await;

@@ -1,0 +1,505 @@
+//! What a route caches (`routes[].cache`), under which key, and for how long.
+//!
+//! Only GET and HEAD are looked up and stored (a HEAD is answered from the GET's entry).
+//! The key is the scheme, host, path and normalized query, plus the values of the route's
+//! `key_headers`. RFC 9111 decides what is stored and how long it stays fresh: `s-maxage`
+//! over `max-age` over `Expires` (against `Date`); a response that says none of them is
+//! stored only when the route gives a `default_ttl`, as heuristic freshness is off. Never
+//! stored: `no-store`, `private`, a response with `Set-Cookie` or with `Vary: *`, and the
+//! answer to a request with `Authorization` unless the response says `public`, `s-maxage`
+//! or `must-revalidate`.
+
+use std::time::Duration;
+
+use http::{header, HeaderName, Method};
+use pingora::cache::cache_control::{CacheControl, InterpretCacheControl};
+use pingora::cache::filters::{calculate_expires_header_time, resp_cacheable};
+use pingora::cache::key::HashBinary;
+use pingora::cache::VarianceBuilder;
+use pingora::cache::{CacheKey, CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use crate::config::raw::RawRouteCache;
+use crate::config::Errors;
+
+/// A route's `cache:` policy, compiled.
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    /// Request headers whose values are part of the key.
+    key_headers: Vec<HeaderName>,
+    /// Freshness of a response that states none, if the route gives one.
+    default_ttl: Option<Duration>,
+}
+
+/// Why a HEAD's own answer is not stored (it is answered from a GET's entry).
+pub const HEAD_REASON: &str = "head";
+
+/// Statuses a response may be stored with when only `default_ttl` makes it fresh (those
+/// RFC 9110 §15.1 calls heuristically cacheable).
+const DEFAULT_CACHEABLE: [u16; 10] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 501];
+
+/// No freshness of our own: heuristic freshness is off.
+const NO_DEFAULTS: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
+
+/// A freshness for the statuses above, replaced by the route's `default_ttl`.
+const PLACEHOLDER: CacheMetaDefaults = CacheMetaDefaults::new(
+    |status| {
+        DEFAULT_CACHEABLE
+            .contains(&status.as_u16())
+            .then_some(Duration::from_secs(1))
+    },
+    0,
+    0,
+);
+
+impl CachePolicy {
+    /// Compiles a route's `cache` (at YAML path `at`); `None` when it is off.
+    pub fn compile(raw: &RawRouteCache, at: &str, errors: &mut Errors) -> Option<Self> {
+        let mut key_headers = Vec::new();
+        for (i, name) in raw.key_headers.iter().flatten().enumerate() {
+            match HeaderName::from_bytes(name.trim().as_bytes()) {
+                Ok(name) => key_headers.push(name),
+                Err(_) => errors.push(
+                    format!("{at}.key_headers[{i}]"),
+                    format!("`{name}` is not a header name"),
+                ),
+            }
+        }
+        let default_ttl = raw.default_ttl.map(|d| d.0);
+        if default_ttl.is_some_and(|ttl| ttl < Duration::from_secs(1)) {
+            errors.push(format!("{at}.default_ttl"), "must be at least 1s");
+        }
+        raw.enabled.unwrap_or(true).then_some(Self {
+            key_headers,
+            default_ttl,
+        })
+    }
+
+    /// Whether `req` may be answered from the cache (and its answer stored).
+    pub fn applies_to(req: &RequestHeader) -> bool {
+        matches!(req.method, Method::GET | Method::HEAD)
+    }
+
+    /// The cache key of `req`, over `scheme`, `host` and the `forwarded_host` the upstream
+    /// is told. Each part is length-prefixed, so that no two requests share a key by moving
+    /// bytes from one part to the next.
+    pub fn key(
+        &self,
+        scheme: &str,
+        host: &str,
+        forwarded_host: Option<&str>,
+        req: &RequestHeader,
+    ) -> CacheKey {
+        let mut primary = Vec::with_capacity(128);
+        let mut part = |bytes: &[u8]| {
+            primary.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            primary.extend_from_slice(bytes);
+        };
+        part(scheme.as_bytes());
+        part(host.to_ascii_lowercase().as_bytes());
+        part(&present(
+            forwarded_host.map(|h| h.to_ascii_lowercase().into_bytes()),
+        ));
+        part(req.uri.path().as_bytes());
+        part(normalize_query(req.uri.query().unwrap_or("")).as_bytes());
+        for name in &self.key_headers {
+            part(name.as_str().as_bytes());
+            part(&present(joined(req, name.as_str())));
+        }
+        // The URL, readable: purges by URL and by prefix compare against it.
+        let url = format!("{scheme}://{}{}", host.to_ascii_lowercase(), req.uri.path());
+        let mut key = CacheKey::new(url, "");
+        key.set_primary_bin_override(pingora::cache::key::hash_key(&primary));
+        key
+    }
+
+    /// Whether the response `resp` to a request that did or did not carry `Authorization`
+    /// may be stored, and until when.
+    pub fn cacheable(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
+        let verdict = self.storable(resp, authorization);
+        let RespCacheable::Cacheable(meta) = verdict else {
+            return verdict;
+        };
+        // Already this old when it arrives (`Age`, RFC 9111 §4.2.3); and for `Expires`, the
+        // lifetime is `Expires - Date` (the origin's clock against itself, not the edge's).
+        let age = Duration::from_secs(header_u64(resp, header::AGE).unwrap_or(0));
+        let created = meta.created();
+        let mut lifetime = meta
+            .fresh_until()
+            .duration_since(created)
+            .unwrap_or_default();
+        let control = CacheControl::from_resp_headers(resp);
+        let by_control = control
+            .as_ref()
+            .is_some_and(|cc| cc.fresh_duration().is_some());
+        if let (false, Some(expires), Some(date)) = (
+            by_control,
+            calculate_expires_header_time(resp),
+            header_date(resp, header::DATE),
+        ) {
+            lifetime = expires.duration_since(date).unwrap_or_default();
+        }
+        let validators = resp.headers.contains_key(header::ETAG)
+            || resp.headers.contains_key(header::LAST_MODIFIED);
+        if lifetime <= age && !validators {
+            // Stale on arrival, and nothing to revalidate it with: useless to keep.
+            return RespCacheable::Uncacheable(NoCacheReason::Custom("stale-on-arrival"));
+        }
+        let created = created.checked_sub(age).unwrap_or(created);
+        RespCacheable::Cacheable(CacheMeta::new(
+            created + lifetime,
+            created,
+            meta.stale_while_revalidate_sec(),
+            meta.stale_if_error_sec(),
+            meta.response_header_copy(),
+        ))
+    }
+
+    /// Whether `resp` may be stored at all, and its freshness as RFC 9111 states it.
+    fn storable(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
+        if resp.status.as_u16() == 206 {
+            // A part of the body: storing it would answer a whole GET with a part.
+            return RespCacheable::Uncacheable(NoCacheReason::Custom("partial"));
+        }
+        if resp.headers.contains_key(header::SET_COOKIE) {
+            return RespCacheable::Uncacheable(NoCacheReason::Custom("set-cookie"));
+        }
+        if vary_names(resp).any(|name| name == "*") {
+            return RespCacheable::Uncacheable(NoCacheReason::Custom("vary-star"));
+        }
+        let control = CacheControl::from_resp_headers(resp);
+        let stated = control
+            .as_ref()
+            .is_some_and(|cc| cc.fresh_duration().is_some())
+            || calculate_expires_header_time(resp).is_some();
+        let Some(ttl) = self.default_ttl.filter(|_| !stated) else {
+            return resp_cacheable(control.as_ref(), resp.clone(), authorization, &NO_DEFAULTS);
+        };
+        // The answer states no freshness: RFC 9111 still decides whether it may be stored
+        // (any placeholder freshness will do for that), then the route's default applies.
+        match resp_cacheable(control.as_ref(), resp.clone(), authorization, &PLACEHOLDER) {
+            RespCacheable::Cacheable(meta) => {
+                let created = meta.created();
+                RespCacheable::Cacheable(CacheMeta::new(
+                    created + ttl,
+                    created,
+                    meta.stale_while_revalidate_sec(),
+                    meta.stale_if_error_sec(),
+                    meta.response_header_copy(),
+                ))
+            }
+            uncacheable => uncacheable,
+        }
+    }
+}
+
+/// The URLs (as keys name them) a successful unsafe request `req` to `host` over `scheme`
+/// makes stale: its own, and those its answer's `Location` and `Content-Location` name on
+/// the same host (RFC 9111 §4.4).
+pub fn invalidated(
+    scheme: &str,
+    host: Option<&str>,
+    req: &RequestHeader,
+    resp: &ResponseHeader,
+) -> Vec<String> {
+    let Some(host) = host.map(str::to_ascii_lowercase) else {
+        return Vec::new();
+    };
+    let origin = format!("{scheme}://{host}");
+    let mut urls = vec![format!("{origin}{}", req.uri.path())];
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        // The scheme and host compare without case (the path with it).
+        let head = target.len().min(origin.len());
+        let same_origin =
+            target.is_char_boundary(head) && target[..head].eq_ignore_ascii_case(&origin);
+        let path = match same_origin.then(|| &target[head..]) {
+            Some(rest) if rest.starts_with('/') => rest,
+            Some(_) => continue,
+            // Another origin's URL is not this cache's to drop.
+            None if !target.starts_with('/') || target.starts_with("//") => continue,
+            None => target,
+        };
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        urls.push(format!("{origin}{path}"));
+    }
+    urls
+}
+
+/// A URL as keys name it: scheme and host in lower case, the path as given, no query or
+/// fragment. `None` unless it is `scheme://host/...`.
+pub fn purge_url(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let slash = rest.find('/')?;
+    let (host, path) = rest.split_at(slash);
+    if scheme.is_empty() || host.is_empty() {
+        return None;
+    }
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    Some(format!(
+        "{}://{}{path}",
+        scheme.to_ascii_lowercase(),
+        host.to_ascii_lowercase()
+    ))
+}
+
+/// A header holding a number of seconds.
+fn header_u64(resp: &ResponseHeader, name: HeaderName) -> Option<u64> {
+    resp.headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// A header holding an HTTP date.
+fn header_date(resp: &ResponseHeader, name: HeaderName) -> Option<std::time::SystemTime> {
+    let text = resp.headers.get(name)?.to_str().ok()?;
+    httpdate::parse_http_date(text).ok()
+}
+
+/// The names a response's `Vary` lists, lower case.
+fn vary_names(resp: &ResponseHeader) -> impl Iterator<Item = String> + '_ {
+    resp.headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+}
+
+/// The variant of the stored response `meta` that `req` asks for: a hash of `req`'s values
+/// of the headers the response's `Vary` names (`None` when it names none).
+pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
+    let mut names: Vec<String> = vary_names(meta.response_header()).collect();
+    if names.is_empty() {
+        return None;
+    }
+    names.sort();
+    names.dedup();
+    let mut variance = VarianceBuilder::new();
+    for name in &names {
+        variance.add_owned_value(name.as_str(), present(joined(req, name)));
+    }
+    variance.finalize()
+}
+
+/// A query in one spelling: its parameters sorted by name (the order of two different
+/// parameters never changes the answer of a well-behaved origin; repeated ones keep their
+/// order), empty ones dropped.
+pub fn normalize_query(query: &str) -> String {
+    let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    pairs.sort_by_key(|pair| pair.split('=').next().unwrap_or(pair));
+    pairs.join("&")
+}
+
+/// All values of header `name` in `req`, joined by commas; `None` when it is absent.
+fn joined(req: &RequestHeader, name: &str) -> Option<Vec<u8>> {
+    let mut values = req.headers.get_all(name).iter().peekable();
+    values.peek()?;
+    let values: Vec<&[u8]> = values.map(|v| v.as_bytes()).collect();
+    Some(values.join(&b','))
+}
+
+/// A value marked present (`1` before it) or absent (`0`): an absent header never matches
+/// an empty one (RFC 9111 §4.1).
+fn present(value: Option<Vec<u8>>) -> Vec<u8> {
+    match value {
+        Some(mut value) => {
+            value.insert(0, 1);
+            value
+        }
+        None => vec![0],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::units::Dur;
+
+    fn policy(default_ttl: Option<u64>, key_headers: &[&str]) -> CachePolicy {
+        let raw = RawRouteCache {
+            enabled: None,
+            default_ttl: default_ttl.map(|s| Dur(Duration::from_secs(s))),
+            key_headers: Some(key_headers.iter().map(|h| h.to_string()).collect()),
+        };
+        CachePolicy::compile(&raw, "routes[0].cache", &mut Errors::default()).unwrap()
+    }
+
+    fn response(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(status, None).unwrap();
+        for (name, value) in headers {
+            resp.append_header(name.to_string(), *value).unwrap();
+        }
+        resp
+    }
+
+    fn stored(policy: &CachePolicy, resp: &ResponseHeader, authorization: bool) -> Option<u64> {
+        match policy.cacheable(resp, authorization) {
+            RespCacheable::Cacheable(meta) => Some(
+                meta.fresh_until()
+                    .duration_since(meta.created())
+                    .unwrap_or_default()
+                    .as_secs(),
+            ),
+            RespCacheable::Uncacheable(_) => None,
+        }
+    }
+
+    #[test]
+    fn rfc_9111_decides_what_is_stored_and_for_how_long() {
+        let p = policy(None, &[]);
+        let cc = |v: &'static str| response(200, &[("cache-control", v)]);
+        assert_eq!(stored(&p, &cc("max-age=60"), false), Some(60));
+        assert_eq!(stored(&p, &cc("max-age=60, s-maxage=5"), false), Some(5));
+        for never in ["no-store, max-age=60", "private, max-age=60"] {
+            assert_eq!(stored(&p, &cc(never), false), None, "{never}");
+        }
+        let cookie = response(
+            200,
+            &[("cache-control", "max-age=60"), ("set-cookie", "a=1")],
+        );
+        assert_eq!(stored(&p, &cookie, false), None);
+        let star = response(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "accept, *")],
+        );
+        assert_eq!(stored(&p, &star, false), None);
+        // Nothing said: not stored, unless the route gives a default.
+        assert_eq!(stored(&p, &response(200, &[]), false), None);
+        assert_eq!(
+            stored(&policy(Some(30), &[]), &response(200, &[]), false),
+            Some(30)
+        );
+        assert_eq!(
+            stored(&policy(Some(30), &[]), &response(500, &[]), false),
+            None
+        );
+        // Authorization: only what the origin says a shared cache may keep.
+        assert_eq!(stored(&p, &cc("max-age=60"), true), None);
+        assert_eq!(stored(&p, &cc("public, max-age=60"), true), Some(60));
+        assert_eq!(stored(&p, &cc("s-maxage=60"), true), Some(60));
+    }
+
+    #[test]
+    fn keys_cover_scheme_host_path_query_and_key_headers() {
+        let p = policy(None, &["x-tenant"]);
+        let req = |target: &str, tenant: Option<&str>| {
+            let mut req = RequestHeader::build("GET", target.as_bytes(), None).unwrap();
+            if let Some(tenant) = tenant {
+                req.insert_header("x-tenant", tenant).unwrap();
+            }
+            req
+        };
+        use pingora::cache::key::CacheHashKey;
+        let key = |scheme, host, target, tenant| {
+            p.key(scheme, host, None, &req(target, tenant))
+                .primary_bin()
+        };
+        let base = key("http", "a.test", "/x?b=2&a=1", Some("t1"));
+        assert_eq!(
+            base,
+            key("http", "A.test", "/x?a=1&b=2&", Some("t1")),
+            "normalized"
+        );
+        assert_ne!(base, key("https", "a.test", "/x?a=1&b=2", Some("t1")));
+        assert_ne!(base, key("http", "b.test", "/x?a=1&b=2", Some("t1")));
+        assert_ne!(base, key("http", "a.test", "/y?a=1&b=2", Some("t1")));
+        assert_ne!(base, key("http", "a.test", "/x?a=1&b=3", Some("t1")));
+        assert_ne!(base, key("http", "a.test", "/x?a=1&b=2", Some("t2")));
+        assert_ne!(base, key("http", "a.test", "/x?a=1&b=2", None));
+        // Parts are framed: bytes moved from the path to the query make another key.
+        assert_ne!(
+            key("http", "a.test", "/x?y", None),
+            key("http", "a.test", "/xy", None)
+        );
+        let stored = p.key("http", "a.test", None, &req("/x?b=2", None));
+        assert_eq!(stored.primary_key_str(), Some("http://a.test/x"));
+        // What the upstream is told of the host is part of the key; absent is not empty;
+        // repeated parameters keep their order.
+        let told = |host| {
+            p.key("http", "a.test", host, &req("/x", None))
+                .primary_bin()
+        };
+        assert_ne!(told(None), told(Some("evil.test")));
+        assert_eq!(told(Some("Evil.test")), told(Some("evil.test")));
+        assert_ne!(
+            key("http", "a.test", "/x", Some("")),
+            key("http", "a.test", "/x", None)
+        );
+        assert_ne!(
+            key("http", "a.test", "/x?v=1&v=2", None),
+            key("http", "a.test", "/x?v=2&v=1", None)
+        );
+        assert_eq!(
+            purge_url("HTTP://A.test:8080/X?q=1").as_deref(),
+            Some("http://a.test:8080/X")
+        );
+        assert_eq!(purge_url("a.test/x"), None);
+    }
+
+    #[test]
+    fn age_expires_and_partial_answers() {
+        let p = policy(None, &[]);
+        // Already 100 s old, fresh for 60: stale on arrival, and nothing to revalidate with.
+        let old = response(200, &[("cache-control", "max-age=60"), ("age", "100")]);
+        assert_eq!(stored(&p, &old, false), None);
+        let aged = response(200, &[("cache-control", "max-age=60"), ("age", "20")]);
+        let RespCacheable::Cacheable(meta) = p.cacheable(&aged, false) else {
+            panic!("stored");
+        };
+        let left = meta
+            .fresh_until()
+            .duration_since(std::time::SystemTime::now());
+        let left = left.unwrap().as_secs();
+        assert!((39..=40).contains(&left), "{left}");
+        // Expires counts from Date, whatever the edge's clock says.
+        let date = std::time::SystemTime::now() + Duration::from_secs(3000);
+        let expires = date + Duration::from_secs(60);
+        let skewed = response(
+            200,
+            &[
+                ("date", &httpdate::fmt_http_date(date)),
+                ("expires", &httpdate::fmt_http_date(expires)),
+            ],
+        );
+        assert_eq!(stored(&p, &skewed, false), Some(60));
+        let partial = response(206, &[("cache-control", "max-age=60")]);
+        assert_eq!(stored(&p, &partial, false), None);
+        // Stale on arrival but with a validator: kept, to be revalidated.
+        let tagged = response(200, &[("cache-control", "max-age=0"), ("etag", "\"v\"")]);
+        assert!(matches!(
+            p.cacheable(&tagged, false),
+            RespCacheable::Cacheable(_)
+        ));
+    }
+
+    #[test]
+    fn variance_follows_the_stored_vary() {
+        let p = policy(None, &[]);
+        let resp = response(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "Accept-Encoding")],
+        );
+        let RespCacheable::Cacheable(meta) = p.cacheable(&resp, false) else {
+            panic!("stored");
+        };
+        let req = |encoding: Option<&str>| {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            if let Some(encoding) = encoding {
+                req.insert_header("accept-encoding", encoding).unwrap();
+            }
+            req
+        };
+        let gzip = variance(&meta, &req(Some("gzip")));
+        assert!(gzip.is_some());
+        assert_eq!(gzip, variance(&meta, &req(Some("gzip"))));
+        assert_ne!(gzip, variance(&meta, &req(Some("br"))));
+        assert_ne!(gzip, variance(&meta, &req(None)));
+        let plain = response(200, &[("cache-control", "max-age=60")]);
+        let RespCacheable::Cacheable(meta) = p.cacheable(&plain, false) else {
+            panic!("stored");
+        };
+        assert_eq!(variance(&meta, &req(Some("gzip"))), None);
+    }
+}

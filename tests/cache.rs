@@ -1,0 +1,481 @@
+//! The response cache over HTTP: what is stored and served, what never is, variants,
+//! validation, invalidation, purges, and one upstream fetch for a burst of misses. The
+//! origin here answers what each request's query asks for (`cc`: cache-control, `vary`,
+//! `cookie`, `etag`, `ms`: a delay) and counts the requests it receives per URL.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use common::{addr, client, free_ports, Edge};
+
+/// Requests the origin received, by path and query.
+type Counts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// An origin that answers `GET /…?cc=&vary=&cookie=&ms=` as asked: its body names the URL,
+/// how many requests for it came so far, and the request's `accept-language`.
+async fn origin() -> (SocketAddr, Counts) {
+    use axum::extract::{Query, Request};
+    let counts: Counts = Default::default();
+    let seen = counts.clone();
+    let app = axum::Router::new().fallback(
+        move |Query(q): Query<HashMap<String, String>>, request: Request| {
+            let seen = seen.clone();
+            async move {
+                let url = request.uri().to_string();
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    let n = seen.entry(url.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                if let Some(ms) = q.get("ms").and_then(|ms| ms.parse().ok()) {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                let language = request
+                    .headers()
+                    .get("accept-language")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string();
+                let mut response = axum::response::Response::builder();
+                if let Some(etag) = q.get("etag") {
+                    response = response.header("etag", etag);
+                    let matches = request
+                        .headers()
+                        .get("if-none-match")
+                        .is_some_and(|v| v.as_bytes() == etag.as_bytes());
+                    if matches {
+                        let cc = q.get("cc").cloned().unwrap_or_default();
+                        return response
+                            .status(304)
+                            .header("cache-control", cc)
+                            .body(axum::body::Body::empty())
+                            .unwrap();
+                    }
+                }
+                if let Some(cc) = q.get("cc") {
+                    response = response.header("cache-control", cc);
+                }
+                if let Some(vary) = q.get("vary") {
+                    response = response.header("vary", vary);
+                }
+                if q.contains_key("cookie") {
+                    response = response.header("set-cookie", "session=s1");
+                }
+                response
+                    .body(axum::body::Body::from(format!("{url} #{n} {language}")))
+                    .unwrap()
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (address, counts)
+}
+
+/// A proxy caching everything under `/c` of the origin but DELETEs (route `writes`),
+/// nothing elsewhere; 127.0.0.1 is a trusted proxy.
+async fn caching_edge(origin: SocketAddr) -> Edge {
+    let p = free_ports(2);
+    let yaml = format!(
+        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\nserver: {{ trusted_proxies: [127.0.0.1] }}\ncache: {{ memory: 16MiB, max_object: 1MiB }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: writes, match: {{ path_prefix: /c, methods: [DELETE] }}, pool: origin }}\n  - {{ name: cached, match: {{ path_prefix: /c }}, pool: origin, cache: {{}} }}\n  - {{ name: plain, pool: origin }}\n",
+        p[0], p[1]
+    );
+    Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
+}
+
+/// `/c/<name>?<query>`, the query's values escaped.
+fn path(name: &str, query: &[(&str, &str)]) -> String {
+    let escape = |v: &str| {
+        v.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let query: Vec<String> = query
+        .iter()
+        .map(|(k, v)| format!("{k}={}", escape(v)))
+        .collect();
+    format!("/c/{name}?{}", query.join("&"))
+}
+
+fn received(counts: &Counts, path: &str) -> usize {
+    counts.lock().unwrap().get(path).copied().unwrap_or(0)
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn a_fresh_response_is_served_from_the_cache_with_its_status() {
+    let (origin, counts) = origin().await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    let fresh = path("fresh", &[("cc", "max-age=60")]);
+    let first = http.get(edge.url(&fresh)).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(
+        header(&first, "cache-status").as_deref(),
+        Some("kingdom-edge; fwd=miss; stored")
+    );
+    let body = first.text().await.unwrap();
+    assert!(body.contains(" #1 "), "{body}");
+    let second = http.get(edge.url(&fresh)).send().await.unwrap();
+    let status = header(&second, "cache-status").unwrap();
+    assert!(status.starts_with("kingdom-edge; hit; ttl="), "{status}");
+    let ttl: u64 = status.rsplit('=').next().unwrap().parse().unwrap();
+    assert!((58..=60).contains(&ttl), "{status}");
+    assert!(header(&second, "age").is_some(), "a hit says its age");
+    assert!(
+        header(&second, "x-request-id").is_some(),
+        "hits are decorated too"
+    );
+    assert_eq!(second.text().await.unwrap(), body, "the stored answer");
+    // A HEAD is answered from the GET's entry.
+    let head = http.head(edge.url(&fresh)).send().await.unwrap();
+    assert!(header(&head, "cache-status").unwrap().contains("; hit;"));
+    assert_eq!(received(&counts, &fresh), 1);
+    // Another order of the same parameters is the same entry.
+    let reordered = format!("{fresh}&");
+    let again = http.get(edge.url(&reordered)).send().await.unwrap();
+    assert!(header(&again, "cache-status").unwrap().contains("; hit;"));
+    // A route without `cache` says nothing of it.
+    let plain = http
+        .get(edge.url("/other?cc=max-age%3D60"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&plain, "cache-status"), None);
+
+    let metrics = edge.metrics().await;
+    let lookups = |result: &str| {
+        common::metric(
+            &metrics,
+            &format!(r#"kingdom_edge_cache_lookups_total{{result="{result}",route="cached"}}"#),
+        )
+    };
+    assert_eq!((lookups("miss"), lookups("hit")), (1.0, 3.0));
+}
+
+#[tokio::test]
+async fn what_the_origin_or_the_request_forbids_is_never_stored() {
+    let (origin, counts) = origin().await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    let cases = [
+        path("no-store", &[("cc", "no-store, max-age=60")]),
+        path("private", &[("cc", "private, max-age=60")]),
+        path("cookie", &[("cc", "max-age=60"), ("cookie", "1")]),
+        path("vary-star", &[("cc", "max-age=60"), ("vary", "*")]),
+        path("silent", &[]),
+    ];
+    for case in &cases {
+        for _ in 0..2 {
+            let response = http.get(edge.url(case)).send().await.unwrap();
+            assert_eq!(
+                header(&response, "cache-status").as_deref(),
+                Some("kingdom-edge; fwd=miss"),
+                "{case}"
+            );
+        }
+        assert_eq!(received(&counts, case), 2, "{case}");
+    }
+    // With Authorization, only what the origin declares shared is stored.
+    let authorized = |p: &str| http.get(edge.url(p)).bearer_auth("t").send();
+    let own = path("auth", &[("cc", "max-age=60")]);
+    let shared = path("auth-public", &[("cc", "public, max-age=60")]);
+    for _ in 0..2 {
+        authorized(&own).await.unwrap();
+        authorized(&shared).await.unwrap();
+    }
+    assert_eq!(received(&counts, &own), 2);
+    assert_eq!(received(&counts, &shared), 1);
+    // A POST is not looked up.
+    let posted = http
+        .post(edge.url(&path("fresh", &[("cc", "max-age=60")])))
+        .send()
+        .await;
+    assert_eq!(
+        header(&posted.unwrap(), "cache-status").as_deref(),
+        Some("kingdom-edge; fwd=method")
+    );
+}
+
+#[tokio::test]
+async fn vary_keeps_one_answer_per_value_of_the_named_headers() {
+    let (origin, counts) = origin().await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    let varied = path(
+        "varied",
+        &[("cc", "max-age=60"), ("vary", "Accept-Language")],
+    );
+    let get = |language: &'static str| {
+        http.get(edge.url(&varied))
+            .header("accept-language", language)
+            .send()
+    };
+    let en = get("en").await.unwrap().text().await.unwrap();
+    let fr = get("fr").await.unwrap().text().await.unwrap();
+    assert!(en.ends_with(" en") && fr.ends_with(" fr"), "{en} / {fr}");
+    let en_again = get("en").await.unwrap();
+    assert!(header(&en_again, "cache-status")
+        .unwrap()
+        .contains("; hit;"));
+    assert_eq!(en_again.text().await.unwrap(), en);
+    let fr_again = get("fr").await.unwrap();
+    assert_eq!(fr_again.text().await.unwrap(), fr);
+    assert_eq!(received(&counts, &varied), 2);
+}
+
+#[tokio::test]
+async fn a_burst_of_identical_misses_reaches_the_upstream_once() {
+    let (origin, counts) = origin().await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    let slow = path("burst", &[("cc", "max-age=60"), ("ms", "300")]);
+    let requests: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(http.get(edge.url(&slow)).send()))
+        .collect();
+    let mut bodies = Vec::new();
+    let mut collapsed = 0;
+    for request in requests {
+        let response = request.await.unwrap().unwrap();
+        assert_eq!(response.status(), 200);
+        if header(&response, "cache-status")
+            .unwrap()
+            .contains("collapsed")
+        {
+            collapsed += 1;
+        }
+        bodies.push(response.text().await.unwrap());
+    }
+    assert_eq!(received(&counts, &slow), 1, "one fetch for 100 requests");
+    assert!(bodies.iter().all(|b| b == &bodies[0]));
+    assert!(collapsed > 0, "the waiting requests say so");
+    let metrics = edge.metrics().await;
+    assert!(common::metric(&metrics, "kingdom_edge_cache_objects") <= 1.0);
+}
+
+#[tokio::test]
+async fn changes_and_the_admin_api_purge_what_is_stored() {
+    let (origin, counts) = origin().await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    let site = format!("http://{}", edge.proxy);
+    let fetch = |p: String| {
+        let http = http.clone();
+        let url = edge.url(&p);
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            header(&response, "cache-status").unwrap()
+        }
+    };
+    let item = path("item", &[("cc", "max-age=60")]);
+    fetch(item.clone()).await;
+    assert!(fetch(item.clone()).await.contains("; hit;"));
+    // A successful change to the URL drops what is stored for it.
+    let changed = http.post(edge.url("/c/item")).send().await.unwrap();
+    assert_eq!(changed.status(), 200);
+    assert!(fetch(item.clone()).await.contains("fwd=miss"));
+    assert_eq!(received(&counts, &item), 2);
+    // So does one taken by a route that does not cache.
+    assert!(fetch(item.clone()).await.contains("; hit;"));
+    let deleted = http.delete(edge.url("/c/item")).send().await.unwrap();
+    assert_eq!(header(&deleted, "cache-status"), None, "route `writes`");
+    assert!(fetch(item.clone()).await.contains("fwd=miss"));
+
+    let purge = |body: serde_json::Value| {
+        http.post(format!("http://{}/cache/purge", edge.admin))
+            .json(&body)
+            .send()
+    };
+    let a = path("a", &[("cc", "max-age=60")]);
+    let b = path("b", &[("cc", "max-age=60")]);
+    fetch(a.clone()).await;
+    fetch(b.clone()).await;
+    let purged: serde_json::Value = purge(serde_json::json!({ "url": format!("{site}/c/a") }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(purged["purged"], 1);
+    assert!(fetch(a.clone()).await.contains("fwd=miss"));
+    assert!(fetch(b.clone()).await.contains("; hit;"));
+    let purged: serde_json::Value = purge(serde_json::json!({ "prefix": format!("{site}/c/") }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(purged["purged"], 3, "a, b and item");
+    assert!(fetch(b.clone()).await.contains("fwd=miss"));
+    let bad = purge(serde_json::json!({ "url": "x", "prefix": "y" }))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // Purging is not a client's to do.
+    let refused = http
+        .request(reqwest::Method::from_bytes(b"PURGE").unwrap(), edge.url(&b))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 405);
+    assert!(fetch(b.clone()).await.contains("; hit;"));
+}
+
+#[tokio::test]
+async fn validators_answer_304s_and_revalidate_stale_entries() {
+    let (origin, counts) = origin().await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    // Fresh: a conditional request that matches is answered 304 by the edge.
+    let fresh = path("tagged", &[("cc", "max-age=60"), ("etag", "\"v1\"")]);
+    let body = http
+        .get(edge.url(&fresh))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let conditional = http
+        .get(edge.url(&fresh))
+        .header("if-none-match", "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conditional.status(), 304);
+    let other = http
+        .get(edge.url(&fresh))
+        .header("if-none-match", "\"v0\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    assert_eq!(other.text().await.unwrap(), body);
+    assert_eq!(received(&counts, &fresh), 1);
+    // Stored stale (max-age=0): the next request asks the upstream, which confirms it.
+    let stale = path("stale", &[("cc", "max-age=0"), ("etag", "\"v1\"")]);
+    let first = http.get(edge.url(&stale)).send().await.unwrap();
+    assert_eq!(
+        header(&first, "cache-status").as_deref(),
+        Some("kingdom-edge; fwd=miss; stored")
+    );
+    let body = first.text().await.unwrap();
+    let second = http.get(edge.url(&stale)).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    let status = header(&second, "cache-status").unwrap();
+    assert!(status.contains("fwd=stale; fwd-status=304"), "{status}");
+    assert_eq!(
+        second.text().await.unwrap(),
+        body,
+        "the stored body, confirmed"
+    );
+    assert_eq!(received(&counts, &stale), 2);
+}
+
+#[tokio::test]
+async fn an_answer_cut_mid_body_is_never_stored() {
+    use common::Misbehaviour;
+    use std::sync::atomic::Ordering;
+    // A cacheable 200 promising 100 bytes; 21 come, then the connection closes.
+    let (origin, hits) = common::misbehaving_upstream(Misbehaviour::DieCacheable(b'x')).await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    for attempt in 1..=2 {
+        let outcome = match http.get(edge.url("/c/cut")).send().await {
+            Ok(response) => response.bytes().await.map(|b| b.len()),
+            Err(e) => Err(e),
+        };
+        assert!(outcome.is_err(), "the client sees the failure: {outcome:?}");
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            attempt,
+            "not served from the cache"
+        );
+    }
+}
+
+#[tokio::test]
+async fn what_shapes_the_answer_is_in_the_key() {
+    let (origin, counts) = origin().await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    // Behind a trusted proxy, the host and scheme it reports reach the upstream: they are
+    // part of the key, so one client's cannot be served to another.
+    let page = path("page", &[("cc", "max-age=60")]);
+    let forwarded = http
+        .get(edge.url(&page))
+        .header("x-forwarded-host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(header(&forwarded, "cache-status")
+        .unwrap()
+        .contains("fwd=miss; stored"));
+    let plain = http.get(edge.url(&page)).send().await.unwrap();
+    assert!(header(&plain, "cache-status")
+        .unwrap()
+        .contains("fwd=miss; stored"));
+    let https = http
+        .get(edge.url(&page))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert!(header(&https, "cache-status").unwrap().contains("fwd=miss"));
+    assert_eq!(received(&counts, &page), 3);
+    // A GET with a body is not looked up (the body is not in the key).
+    let searched = path("search", &[("cc", "max-age=60")]);
+    for _ in 0..2 {
+        let response = http
+            .get(edge.url(&searched))
+            .body("{\"user\":\"alice\"}")
+            .send()
+            .await
+            .unwrap();
+        assert!(header(&response, "cache-status")
+            .unwrap()
+            .starts_with("kingdom-edge; fwd="));
+    }
+    assert_eq!(received(&counts, &searched), 2);
+    // A HEAD first does not store a bodiless answer for the GETs after it.
+    let headed = path("headed", &[("cc", "max-age=60")]);
+    let head = http.head(edge.url(&headed)).send().await.unwrap();
+    assert_eq!(
+        header(&head, "cache-status").as_deref(),
+        Some("kingdom-edge; fwd=miss")
+    );
+    let get = http.get(edge.url(&headed)).send().await.unwrap();
+    assert!(header(&get, "cache-status").unwrap().contains("stored"));
+    assert!(get.text().await.unwrap().contains("/c/headed"));
+    let again = http.get(edge.url(&headed)).send().await.unwrap();
+    assert!(header(&again, "cache-status").unwrap().contains("; hit;"));
+    // Purging is refused in any spelling.
+    let refused = http
+        .request(
+            reqwest::Method::from_bytes(b"purge").unwrap(),
+            edge.url(&headed),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 405);
+}
