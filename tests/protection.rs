@@ -150,9 +150,11 @@ async fn tokens_are_verified_at_the_edge_and_only_their_subject_reaches_the_upst
     assert_rejected(&edge, "private", "unauthorized", 5.0).await;
 }
 
-/// Checks `kingdom_edge_rejected_total{route,reason}`.
+/// Checks `kingdom_edge_rejected_total{route,reason}` (counted when a request is logged,
+/// just after its answer: waits for it to reach `count`, then checks it is no more).
 async fn assert_rejected(edge: &Edge, route: &str, reason: &str, count: f64) {
     let series = format!(r#"kingdom_edge_rejected_total{{reason="{reason}",route="{route}"}}"#);
+    edge.wait_metric(&series, count).await;
     assert_eq!(
         common::metric(&edge.metrics().await, &series),
         count,

@@ -131,14 +131,12 @@ async fn unknown_paths_get_a_json_404_with_the_request_id() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "no_route");
     assert_eq!(body["request_id"], "trace-123");
-    let metrics = edge.metrics().await;
-    assert_eq!(
-        common::metric(
-            &metrics,
-            r#"kingdom_edge_rejected_total{reason="no_route",route="-"}"#
-        ),
-        1.0
-    );
+    // Counted when the request is logged, just after its answer is sent.
+    edge.wait_metric(
+        r#"kingdom_edge_rejected_total{reason="no_route",route="-"}"#,
+        1.0,
+    )
+    .await;
 
     // The connection stays usable: two 404s, then a routed request, on one connection.
     let mut stream = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
