@@ -122,8 +122,9 @@ async fn rotation_by_rename_and_by_sigusr1_moves_writing_to_a_new_file() {
 async fn access_log_off_writes_nothing() {
     let edge = edge_logging_to("off").await;
     get(&edge, 3).await;
-    let metrics = edge.metrics().await;
-    assert!(metrics.contains(r#"kingdom_edge_requests_total{code="200",route="up"} 3"#));
+    // Counted when the request is logged (or would be), just after its answer is sent.
+    edge.wait_metric(r#"kingdom_edge_requests_total{code="200",route="up"}"#, 3.0)
+        .await;
     assert!(!edge.stdout().contains("request_id"), "{}", edge.stdout());
     assert!(!edge.dir.path().join("off").exists());
 }

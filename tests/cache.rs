@@ -479,3 +479,85 @@ async fn what_shapes_the_answer_is_in_the_key() {
         .unwrap();
     assert_eq!(refused.status(), 405);
 }
+
+#[tokio::test]
+async fn a_stale_entry_is_served_while_one_background_fetch_refreshes_it() {
+    let (origin, counts) = origin().await;
+    let edge = caching_edge(origin).await;
+    let http = client();
+    // Stale as soon as stored, and may be served stale for a minute while it is refreshed;
+    // each fetch takes the origin a second.
+    let page = path(
+        "swr",
+        &[
+            ("cc", "max-age=0, stale-while-revalidate=60"),
+            ("ms", "1000"),
+        ],
+    );
+    let first = http.get(edge.url(&page)).send().await.unwrap();
+    let body = first.text().await.unwrap();
+    assert_eq!(received(&counts, &page), 1);
+    for _ in 0..5 {
+        let stale = http.get(edge.url(&page)).send().await.unwrap();
+        let status = header(&stale, "cache-status").unwrap();
+        assert_eq!(status, "kingdom-edge; hit; fwd=stale");
+        assert_eq!(
+            stale.text().await.unwrap(),
+            body,
+            "the stored answer, at once"
+        );
+    }
+    common::wait_for("the background refresh to reach the origin", || {
+        let n = received(&counts, &page);
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        received(&counts, &page),
+        2,
+        "one refresh for the five stale answers"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_entry_answers_when_the_pool_is_down() {
+    use axum::routing::get;
+    // An origin that can be taken down: its answer may be served stale for a minute on error.
+    let app = axum::Router::new().route(
+        "/c/sie",
+        get(|| async { ([("cache-control", "max-age=0, stale-if-error=60")], "good") }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let edge = caching_edge(origin).await;
+    let http = client();
+    let first = http.get(edge.url("/c/sie")).send().await.unwrap();
+    assert_eq!(
+        header(&first, "cache-status").as_deref(),
+        Some("kingdom-edge; fwd=miss; stored")
+    );
+    // The origin goes away: connections are refused.
+    server.abort();
+    let _ = server.await;
+    common::wait_for("the origin to refuse connections", || async move {
+        tokio::net::TcpStream::connect(origin)
+            .await
+            .err()
+            .map(|_| ())
+    })
+    .await;
+    let stale = http.get(edge.url("/c/sie")).send().await.unwrap();
+    assert_eq!(stale.status(), 200);
+    assert_eq!(
+        header(&stale, "cache-status").as_deref(),
+        Some("kingdom-edge; hit; fwd=stale")
+    );
+    assert_eq!(stale.text().await.unwrap(), "good");
+    // Without a stale entry to fall back on, the failure shows.
+    // (On a new connection: the stale answer's may close once it is sent.)
+    let missing = client().get(edge.url("/c/other")).send().await.unwrap();
+    assert_eq!(missing.status(), 502);
+}

@@ -29,6 +29,9 @@ pub struct CachePolicy {
     key_headers: Vec<HeaderName>,
     /// Freshness of a response that states none, if the route gives one.
     default_ttl: Option<Duration>,
+    /// Serve-stale windows for answers that state none: while revalidating, on error.
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
 }
 
 /// Why a HEAD's own answer is not stored (it is answered from a GET's entry).
@@ -69,9 +72,12 @@ impl CachePolicy {
         if default_ttl.is_some_and(|ttl| ttl < Duration::from_secs(1)) {
             errors.push(format!("{at}.default_ttl"), "must be at least 1s");
         }
+        let window = |d: Option<crate::config::units::Dur>| d.map_or(Duration::ZERO, |d| d.0);
         raw.enabled.unwrap_or(true).then_some(Self {
             key_headers,
             default_ttl,
+            stale_while_revalidate: window(raw.stale_while_revalidate),
+            stale_if_error: window(raw.stale_if_error),
         })
     }
 
@@ -139,18 +145,31 @@ impl CachePolicy {
         ) {
             lifetime = expires.duration_since(date).unwrap_or_default();
         }
+        // The serve-stale windows: the answer's (`stale-while-revalidate=`, `stale-if-error=`,
+        // or 0 where `must-revalidate` and the like forbid it), else the route's.
+        let seconds = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        let (swr, sie) = match &control {
+            Some(cc) => (
+                cc.serve_stale_while_revalidate_duration()
+                    .unwrap_or(self.stale_while_revalidate),
+                cc.serve_stale_if_error_duration()
+                    .unwrap_or(self.stale_if_error),
+            ),
+            None => (self.stale_while_revalidate, self.stale_if_error),
+        };
         let validators = resp.headers.contains_key(header::ETAG)
             || resp.headers.contains_key(header::LAST_MODIFIED);
-        if lifetime <= age && !validators {
-            // Stale on arrival, and nothing to revalidate it with: useless to keep.
+        if lifetime <= age && !validators && swr.is_zero() && sie.is_zero() {
+            // Stale on arrival, with nothing to revalidate it with and no window to serve it
+            // stale in: useless to keep.
             return RespCacheable::Uncacheable(NoCacheReason::Custom("stale-on-arrival"));
         }
         let created = created.checked_sub(age).unwrap_or(created);
         RespCacheable::Cacheable(CacheMeta::new(
             created + lifetime,
             created,
-            meta.stale_while_revalidate_sec(),
-            meta.stale_if_error_sec(),
+            seconds(swr),
+            seconds(sie),
             meta.response_header_copy(),
         ))
     }
@@ -322,6 +341,8 @@ mod tests {
             enabled: None,
             default_ttl: default_ttl.map(|s| Dur(Duration::from_secs(s))),
             key_headers: Some(key_headers.iter().map(|h| h.to_string()).collect()),
+            stale_while_revalidate: None,
+            stale_if_error: None,
         };
         CachePolicy::compile(&raw, "routes[0].cache", &mut Errors::default()).unwrap()
     }
@@ -464,6 +485,34 @@ mod tests {
             ],
         );
         assert_eq!(stored(&p, &skewed, false), Some(60));
+        // The answer's serve-stale windows, else the route's (stale_if_error: 300s here).
+        let raw = RawRouteCache {
+            enabled: None,
+            default_ttl: None,
+            key_headers: None,
+            stale_while_revalidate: None,
+            stale_if_error: Some(Dur(Duration::from_secs(300))),
+        };
+        let windowed = CachePolicy::compile(&raw, "r", &mut Errors::default()).unwrap();
+        let windows = |cc: &'static str| match windowed
+            .cacheable(&response(200, &[("cache-control", cc)]), false)
+        {
+            RespCacheable::Cacheable(meta) => {
+                Some((meta.stale_while_revalidate_sec(), meta.stale_if_error_sec()))
+            }
+            RespCacheable::Uncacheable(_) => None,
+        };
+        assert_eq!(windows("max-age=60"), Some((0, 300)));
+        assert_eq!(
+            windows("max-age=60, stale-while-revalidate=30, stale-if-error=10"),
+            Some((30, 10))
+        );
+        assert_eq!(windows("max-age=60, must-revalidate"), Some((0, 0)));
+        // Stale on arrival, but with a window to serve it stale in: kept.
+        assert_eq!(
+            windows("max-age=0, stale-while-revalidate=30"),
+            Some((30, 300))
+        );
         let partial = response(206, &[("cache-control", "max-age=60")]);
         assert_eq!(stored(&p, &partial, false), None);
         // Stale on arrival but with a validator: kept, to be revalidated.

@@ -56,6 +56,12 @@ pub struct RawRouteCache {
     pub default_ttl: Option<Dur>,
     /// Request headers whose values are part of the cache key. Default: none.
     pub key_headers: Option<Vec<String>>,
+    /// How long a stale answer may be served while it is refreshed in the background,
+    /// when the answer does not say. Default: 0.
+    pub stale_while_revalidate: Option<Dur>,
+    /// How long a stale answer may be served when the upstream fails, when the answer does
+    /// not say. Default: 0.
+    pub stale_if_error: Option<Dur>,
 }
 
 /// `rate_limits.<name>`.

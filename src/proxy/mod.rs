@@ -795,6 +795,37 @@ impl ProxyHttp for EdgeProxy {
         Ok(verdict)
     }
 
+    /// Whether a stale entry may answer (its windows, `stale-while-revalidate` and
+    /// `stale-if-error`, are checked before this): while it is refreshed in the background,
+    /// or when the upstream failed or the pool has no backend to ask.
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
+        let Some(error) = error else {
+            return true;
+        };
+        let pool_down = matches!(
+            ctx.rejection,
+            Some(
+                Rejection::NoBackend
+                    | Rejection::NoHealthyBackend
+                    | Rejection::UpstreamFailed
+                    | Rejection::UpstreamTimeout
+            )
+        );
+        let upstream = error.esource() == &ErrorSource::Upstream
+            || matches!(error.etype(), ErrorType::HTTPStatus(status) if *status >= 500);
+        if pool_down || upstream {
+            // Answered from the cache after all: not a refusal.
+            ctx.rejection = None;
+            return true;
+        }
+        false
+    }
+
     fn cache_vary_filter(
         &self,
         meta: &pingora::cache::CacheMeta,
