@@ -1355,8 +1355,11 @@ where
         };
 
         let final_error = if let Some((reuse, stale_cache_error)) = serve_stale_result {
-            // don't reuse server conn if serve stale polluted it
-            server_reuse = server_reuse && reuse;
+            // kingdom-edge patch: the failed attempt wrote nothing to the client (a stale
+            // answer is only served then), so whether the client connection is kept is the
+            // stale answer's to say. `server_reuse && reuse` closed the connection after an
+            // answer that had promised keep-alive, whatever the failed attempt was.
+            server_reuse = reuse;
             stale_cache_error
         } else {
             proxy_error
