@@ -165,8 +165,12 @@ impl CachePolicy {
             return RespCacheable::Uncacheable(NoCacheReason::Custom("stale-on-arrival"));
         }
         let created = created.checked_sub(age).unwrap_or(created);
+        // A far-future `Expires` cannot overflow the clock: it is fresh as long as it can be.
+        let fresh_until = created
+            .checked_add(lifetime)
+            .unwrap_or_else(|| meta.fresh_until());
         RespCacheable::Cacheable(CacheMeta::new(
-            created + lifetime,
+            fresh_until,
             created,
             seconds(swr),
             seconds(sie),

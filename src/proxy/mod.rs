@@ -1118,7 +1118,7 @@ fn replayable(session: &Session) -> bool {
 /// invalid cookies are counted and ignored.
 fn sticky_pin(pool: &Pool, req: &RequestHeader) -> Option<(BackendId, u64)> {
     let sticky = pool.sticky.as_ref()?;
-    let value = request_cookie(req, &sticky.cookie)?;
+    let value = request::cookie(req, &sticky.cookie)?;
     match sticky.decode(value, unix_now()) {
         // A backend gone after a reload simply has no id: the balancer re-pins.
         Ok((label, expires)) => pool.find(&label).map(|id| (id, expires)),
@@ -1144,20 +1144,8 @@ fn hash_key<'a>(
         HashKey::ClientIp => forwarded.map(|f| Cow::Owned(f.client_ip.to_string().into_bytes())),
         HashKey::Path => Some(Cow::Borrowed(req.uri.path().as_bytes())),
         HashKey::Header(name) => req.headers.get(name).map(|v| Cow::Borrowed(v.as_bytes())),
-        HashKey::Cookie(name) => request_cookie(req, name).map(|v| Cow::Borrowed(v.as_bytes())),
+        HashKey::Cookie(name) => request::cookie(req, name).map(|v| Cow::Borrowed(v.as_bytes())),
     }
-}
-
-/// The value of cookie `name` in the request's `Cookie` headers (quotes removed).
-fn request_cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|cookies| cookies.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.trim_matches('"'))
 }
 
 /// How the cache answered a request, for `cache-status` and the lookup counter.
@@ -1539,10 +1527,10 @@ mod tests {
             "/",
             &[("cookie", "a=1"), ("cookie", "a=1; kd=abc.1.x; b=\"2\"")],
         );
-        assert_eq!(request_cookie(&req, "kd"), Some("abc.1.x"));
-        assert_eq!(request_cookie(&req, "b"), Some("2"));
+        assert_eq!(request::cookie(&req, "kd"), Some("abc.1.x"));
+        assert_eq!(request::cookie(&req, "b"), Some("2"));
         let req = request("/", &[("cookie", "kdx=1; b=2")]);
-        assert_eq!(request_cookie(&req, "kd"), None);
+        assert_eq!(request::cookie(&req, "kd"), None);
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl KeySource {
         let value: Option<&[u8]> = match self {
             KeySource::ClientIp => None,
             KeySource::Header(name) => req.header.headers.get(name).map(|v| v.as_bytes()),
-            KeySource::Cookie(name) => cookie(req.header, name).map(str::as_bytes),
+            KeySource::Cookie(name) => crate::request::cookie(req.header, name).map(str::as_bytes),
             KeySource::User => req.user.map(str::as_bytes),
             KeySource::Route => Some(req.route.as_bytes()),
         };
@@ -110,18 +110,6 @@ pub fn group(ip: IpAddr, prefix: u8) -> Vec<u8> {
             kept.to_be_bytes().to_vec()
         }
     }
-}
-
-/// A cookie's value in the request's `Cookie` headers.
-fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|cookies| cookies.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.trim_matches('"'))
 }
 
 /// A keyed 64-bit hash, its key random per process, so clients cannot aim collisions.

@@ -221,6 +221,18 @@ pub struct Inspected {
     pub size: HeadSize,
 }
 
+/// The value of cookie `name` in the request's `Cookie` headers (quotes removed).
+pub fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|cookies| cookies.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
 /// Checks a request head before routing: limits, framing, target form and path, host.
 /// `default_host` names the listener's host for HTTP/1.0 requests that send none.
 pub fn inspect(
