@@ -6,7 +6,10 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use super::lines::LineIndex;
-use super::raw::{RawAccessLog, RawAdmin, RawListener, RawPool, RawRoute, RawServer, RawSidecar};
+use super::raw::{
+    RawAccessLog, RawAdmin, RawCache, RawListener, RawPool, RawRateLimit, RawRoute, RawServer,
+    RawSidecar, RawSlowDown, RawTokens,
+};
 use super::{from_serde, ConfigError};
 
 /// The sections of the file and how each is checked.
@@ -18,6 +21,10 @@ const SECTIONS: &[&str] = &[
     "pools",
     "routes",
     "access_log",
+    "tokens",
+    "rate_limits",
+    "slow_down",
+    "cache",
 ];
 
 /// The shape errors in `text`, given that deserializing the whole file failed with `first`.
@@ -37,15 +44,11 @@ pub fn errors(text: &str, first: &serde_yaml::Error, index: &LineIndex) -> Vec<C
             "listeners" => each::<RawListener>(name, value, &mut errors),
             "sidecars" => each::<RawSidecar>(name, value, &mut errors),
             "routes" => each::<RawRoute>(name, value, &mut errors),
-            "pools" => match value {
-                Value::Mapping(pools) => {
-                    for (pool, body) in pools {
-                        let path = format!("pools.{}", pool.as_str().unwrap_or("?"));
-                        check::<RawPool>(&path, body, &mut errors);
-                    }
-                }
-                _ => check::<std::collections::BTreeMap<String, RawPool>>(name, value, &mut errors),
-            },
+            "tokens" => check::<Option<RawTokens>>(name, value, &mut errors),
+            "cache" => check::<Option<RawCache>>(name, value, &mut errors),
+            "pools" => named::<RawPool>(name, value, &mut errors),
+            "rate_limits" => named::<RawRateLimit>(name, value, &mut errors),
+            "slow_down" => named::<RawSlowDown>(name, value, &mut errors),
             other => errors.push(ConfigError {
                 path: String::new(),
                 line: None,
@@ -100,6 +103,19 @@ fn each<T: DeserializeOwned>(name: &str, value: &Value, errors: &mut Vec<ConfigE
             }
         }
         _ => check::<Vec<T>>(name, value, errors),
+    }
+}
+
+/// Checks a map section entry by entry (or as a whole when it is not a map).
+fn named<T: DeserializeOwned>(name: &str, value: &Value, errors: &mut Vec<ConfigError>) {
+    match value {
+        Value::Mapping(entries) => {
+            for (key, body) in entries {
+                let path = format!("{name}.{}", key.as_str().unwrap_or("?"));
+                check::<T>(&path, body, errors);
+            }
+        }
+        _ => check::<std::collections::BTreeMap<String, T>>(name, value, errors),
     }
 }
 

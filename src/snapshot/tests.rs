@@ -172,6 +172,31 @@ routes:
 }
 
 #[test]
+fn one_mistake_in_a_full_file_is_one_error() {
+    // The shipped file uses every top-level section: a mistake in one of them must not
+    // make the others look unknown.
+    let text = std::fs::read_to_string("conf/edge.yaml").unwrap();
+    let planted = [
+        (
+            "cache: { memory: 64MiB,",
+            "cache: { memory: 64MiB, colour: red,",
+            "cache: unknown field `colour`",
+        ),
+        (
+            "  api:\n",
+            "  api:\n    colour: red\n",
+            "pools.api: unknown field `colour`",
+        ),
+    ];
+    for (from, to, want) in planted {
+        assert!(text.contains(from), "{from}");
+        let got = errors(&text.replacen(from, to, 1));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains(want), "{got:?}");
+    }
+}
+
+#[test]
 fn a_valid_file_has_no_errors() {
     assert_eq!(errors(MINIMAL), Vec::<String>::new());
 }
