@@ -1,7 +1,8 @@
 //! The response cache over HTTP: what is stored and served, what never is, variants,
 //! validation, invalidation, purges, and one upstream fetch for a burst of misses. The
 //! origin here answers what each request's query asks for (`cc`: cache-control, `vary`,
-//! `cookie`, `etag`, `ms`: a delay) and counts the requests it receives per URL.
+//! `cookie`, `etag`, `date`, `ms`: a delay) and counts the requests it receives per URL
+//! (`x-origin-request` on each answer, 304s included).
 
 mod common;
 
@@ -40,7 +41,11 @@ async fn origin() -> (SocketAddr, Counts) {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("-")
                     .to_string();
-                let mut response = axum::response::Response::builder();
+                let mut response =
+                    axum::response::Response::builder().header("x-origin-request", n);
+                if let Some(date) = q.get("date") {
+                    response = response.header("date", date);
+                }
                 if let Some(etag) = q.get("etag") {
                     response = response.header("etag", etag);
                     let matches = request
@@ -345,16 +350,17 @@ async fn validators_answer_304s_and_revalidate_stale_entries() {
     let (origin, counts) = origin().await;
     let edge = caching_edge(origin).await;
     let http = client();
-    // Fresh: a conditional request that matches is answered 304 by the edge.
-    let fresh = path("tagged", &[("cc", "max-age=60"), ("etag", "\"v1\"")]);
-    let body = http
-        .get(edge.url(&fresh))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // Fresh: a conditional request that matches is answered 304 by the edge. The origin's
+    // `Date` (half a minute ago) is kept, on the miss and on the hit.
+    let half_a_minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(30);
+    let date = httpdate::fmt_http_date(half_a_minute_ago);
+    let fresh = path(
+        "tagged",
+        &[("cc", "max-age=60"), ("etag", "\"v1\""), ("date", &date)],
+    );
+    let miss = http.get(edge.url(&fresh)).send().await.unwrap();
+    assert_eq!(header(&miss, "date").unwrap(), date);
+    let body = miss.text().await.unwrap();
     let conditional = http
         .get(edge.url(&fresh))
         .header("if-none-match", "\"v1\"")
@@ -369,6 +375,10 @@ async fn validators_answer_304s_and_revalidate_stale_entries() {
         .await
         .unwrap();
     assert_eq!(other.status(), 200);
+    assert!(header(&other, "cache-status")
+        .unwrap()
+        .starts_with("kingdom-edge; hit;"));
+    assert_eq!(header(&other, "date").unwrap(), date);
     assert_eq!(other.text().await.unwrap(), body);
     assert_eq!(received(&counts, &fresh), 1);
     // Stored stale (max-age=0): the next request asks the upstream, which confirms it.
@@ -383,6 +393,9 @@ async fn validators_answer_304s_and_revalidate_stale_entries() {
     assert_eq!(second.status(), 200);
     let status = header(&second, "cache-status").unwrap();
     assert!(status.contains("fwd=stale; fwd-status=304"), "{status}");
+    // The 304's fields replace the stored ones; the stored validator stays.
+    assert_eq!(header(&second, "x-origin-request").unwrap(), "2");
+    assert_eq!(header(&second, "etag").unwrap(), "\"v1\"");
     assert_eq!(
         second.text().await.unwrap(),
         body,
@@ -517,6 +530,74 @@ async fn a_stale_entry_is_served_while_one_background_fetch_refreshes_it() {
         2,
         "one refresh for the five stale answers"
     );
+}
+
+#[tokio::test]
+async fn a_stale_entry_answers_an_upstream_5xx_after_the_retries() {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+    // An origin whose answer may be served stale for a minute on error, until it fails with
+    // the status it is given.
+    let failing = Arc::new(AtomicU16::new(0));
+    let asked = Arc::new(AtomicUsize::new(0));
+    let (fail, count) = (failing.clone(), asked.clone());
+    let app = axum::Router::new().route(
+        "/c/{name}",
+        get(move || {
+            let status = fail.load(Ordering::SeqCst);
+            count.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let cc = [("cache-control", "max-age=0, stale-if-error=60")];
+                match status {
+                    0 => (StatusCode::OK, cc, "good").into_response(),
+                    s => (StatusCode::from_u16(s).unwrap(), "broken").into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let edge = caching_edge(origin).await;
+    let http = client();
+    for (name, status) in [("b", 500), ("a", 503)] {
+        failing.store(0, Ordering::SeqCst);
+        let first = http
+            .get(edge.url(&format!("/c/{name}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            header(&first, "cache-status").unwrap(),
+            "kingdom-edge; fwd=miss; stored"
+        );
+        failing.store(status, Ordering::SeqCst);
+        let before = asked.load(Ordering::SeqCst);
+        let stale = http
+            .get(edge.url(&format!("/c/{name}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stale.status(), 200, "{name}");
+        assert_eq!(
+            header(&stale, "cache-status").as_deref(),
+            Some("kingdom-edge; hit; fwd=stale"),
+            "{name}"
+        );
+        assert_eq!(stale.text().await.unwrap(), "good");
+        // The origin was asked first: a 500 once, a 503 again as the retry policy allows
+        // (2 retries, within the budget's minimum).
+        let tries = asked.load(Ordering::SeqCst) - before;
+        assert_eq!(tries, if status == 500 { 1 } else { 3 }, "{name}");
+    }
+    // Nothing stored to fall back on: the 5xx is the answer.
+    failing.store(503, Ordering::SeqCst);
+    let plain = http.get(edge.url("/c/never-stored")).send().await.unwrap();
+    assert_eq!(plain.status(), 503);
 }
 
 #[tokio::test]

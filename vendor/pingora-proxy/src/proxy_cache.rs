@@ -805,7 +805,10 @@ where
                         }
                         // 304 doesn't contain all the headers, merge 304 into cached 200 header
                         // in order for response_cache_filter to run correctly
-                        let merged_header = session.cache.revalidate_merge_header(resp);
+                        // kingdom-edge patch 9: every field the 304 carries replaces the
+                        // stored one, not only the few `revalidate_merge_header` copies.
+                        let stored = session.cache.maybe_cache_meta().unwrap(); // checked above
+                        let merged_header = freshen_stored_header(stored.response_header(), resp);
                         match self
                             .inner
                             .response_cache_filter(session, &merged_header, ctx)
@@ -2592,6 +2595,41 @@ impl ServeFromCache {
         *self = Self::CacheBody(false);
         Ok(())
     }
+}
+
+/// kingdom-edge patch 9: the stored header freshened by a `304` (RFC 9111 §3.2, §4.3.4):
+/// each field the `304` carries replaces the stored field of that name, except those the
+/// stored body depends on (its length, coding, range and validator), `Vary` (the stored
+/// variant stays the one asked for) and hop-by-hop fields.
+pub fn freshen_stored_header(stored: &ResponseHeader, not_modified: &ResponseHeader) -> ResponseHeader {
+    const KEPT: [&str; 13] = [
+        "content-length",
+        "content-encoding",
+        "content-range",
+        "content-md5",
+        "etag",
+        "vary",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    let mut merged = stored.clone();
+    for name in not_modified.headers.keys() {
+        if KEPT.contains(&name.as_str()) {
+            continue;
+        }
+        merged.remove_header(name);
+        for value in not_modified.headers.get_all(name) {
+            merged
+                .append_header(name.clone(), value.clone())
+                .expect("a field of a parsed header");
+        }
+    }
+    merged
 }
 
 #[cfg(test)]
