@@ -41,6 +41,14 @@ pub const HEAD_REASON: &str = "head";
 /// RFC 9110 §15.1 calls heuristically cacheable).
 const DEFAULT_CACHEABLE: [u16; 10] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 501];
 
+/// Statuses whose caching rules the edge knows (RFC 9110's final status codes): a response
+/// with another and `Cache-Control: must-understand` is not stored.
+const UNDERSTOOD: [u16; 43] = [
+    200, 201, 202, 203, 204, 205, 206, 300, 301, 302, 303, 304, 305, 307, 308, 400, 401, 402, 403,
+    404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417, 421, 422, 426, 451, 500,
+    501, 502, 503, 504, 505,
+];
+
 /// No freshness of our own: heuristic freshness is off.
 const NO_DEFAULTS: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
 
@@ -122,22 +130,32 @@ impl CachePolicy {
     /// Whether the response `resp` to a request that did or did not carry `Authorization`
     /// may be stored, and until when.
     pub fn cacheable(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
-        let verdict = self.storable(resp, authorization);
+        let surrogate = Surrogate::of(resp);
+        if surrogate.no_store {
+            return RespCacheable::Uncacheable(NoCacheReason::Custom("surrogate-control"));
+        }
+        let verdict = match surrogate.max_age {
+            Some(seconds) => Self::storable_for_surrogate(resp, authorization, seconds),
+            None => self.storable(resp, authorization),
+        };
         let RespCacheable::Cacheable(meta) = verdict else {
             return verdict;
         };
-        // Already this old when it arrives (`Age`, RFC 9111 §4.2.3); and for `Expires`, the
-        // lifetime is `Expires - Date` (the origin's clock against itself, not the edge's).
-        let age = Duration::from_secs(header_u64(resp, header::AGE).unwrap_or(0));
         let created = meta.created();
         let mut lifetime = meta
             .fresh_until()
             .duration_since(created)
             .unwrap_or_default();
+        // Already this old when it arrives (`Age`, RFC 9111 §4.2.3). An `Age` that is not
+        // one number makes the response stale.
+        let age = age(resp).unwrap_or(lifetime);
+        // For `Expires`, the lifetime is `Expires - Date` (the origin's clock against
+        // itself, not the edge's).
         let control = CacheControl::from_resp_headers(resp);
-        let by_control = control
-            .as_ref()
-            .is_some_and(|cc| cc.fresh_duration().is_some());
+        let by_control = surrogate.max_age.is_some()
+            || control
+                .as_ref()
+                .is_some_and(|cc| cc.fresh_duration().is_some());
         if let (false, Some(expires), Some(date)) = (
             by_control,
             calculate_expires_header_time(resp),
@@ -178,17 +196,54 @@ impl CachePolicy {
         ))
     }
 
+    /// What no freshness can make storable.
+    fn refused(resp: &ResponseHeader) -> Option<NoCacheReason> {
+        let status = resp.status.as_u16();
+        let reason = if status == 206 {
+            // A part of the body: storing it would answer a whole GET with a part.
+            "partial"
+        } else if resp.headers.contains_key(header::SET_COOKIE) {
+            "set-cookie"
+        } else if vary_names(resp).any(|name| name == "*") {
+            "vary-star"
+        } else if !UNDERSTOOD.contains(&status)
+            && CacheControl::from_resp_headers(resp).is_some_and(|cc| cc.has_key("must-understand"))
+        {
+            // RFC 9111 §5.2.2.3: only for a status whose caching rules the cache knows.
+            "must-understand"
+        } else {
+            return None;
+        };
+        Some(NoCacheReason::Custom(reason))
+    }
+
+    /// Storage under the origin's `Surrogate-Control: max-age`, meant for the edge: it
+    /// replaces `Cache-Control` and `Expires` here. `Authorization` still needs the origin's
+    /// word in `Cache-Control`.
+    fn storable_for_surrogate(
+        resp: &ResponseHeader,
+        authorization: bool,
+        seconds: u32,
+    ) -> RespCacheable {
+        if let Some(reason) = Self::refused(resp) {
+            return RespCacheable::Uncacheable(reason);
+        }
+        let shared = CacheControl::from_resp_headers(resp)
+            .is_some_and(|cc| cc.public() || cc.has_key("s-maxage") || cc.must_revalidate());
+        if authorization && !shared {
+            return RespCacheable::Uncacheable(NoCacheReason::Custom("authorization"));
+        }
+        let now = std::time::SystemTime::now();
+        let fresh_until = now
+            .checked_add(Duration::from_secs(seconds.into()))
+            .unwrap_or(now);
+        RespCacheable::Cacheable(CacheMeta::new(fresh_until, now, 0, 0, resp.clone()))
+    }
+
     /// Whether `resp` may be stored at all, and its freshness as RFC 9111 states it.
     fn storable(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
-        if resp.status.as_u16() == 206 {
-            // A part of the body: storing it would answer a whole GET with a part.
-            return RespCacheable::Uncacheable(NoCacheReason::Custom("partial"));
-        }
-        if resp.headers.contains_key(header::SET_COOKIE) {
-            return RespCacheable::Uncacheable(NoCacheReason::Custom("set-cookie"));
-        }
-        if vary_names(resp).any(|name| name == "*") {
-            return RespCacheable::Uncacheable(NoCacheReason::Custom("vary-star"));
+        if let Some(reason) = Self::refused(resp) {
+            return RespCacheable::Uncacheable(reason);
         }
         let control = CacheControl::from_resp_headers(resp);
         let stated = control
@@ -268,10 +323,68 @@ pub fn purge_url(url: &str) -> Option<String> {
     ))
 }
 
-/// A header holding a number of seconds.
-fn header_u64(resp: &ResponseHeader, name: HeaderName) -> Option<u64> {
-    resp.headers.get(name)?.to_str().ok()?.trim().parse().ok()
+/// A response's `Age`: zero when absent, `None` when it is not exactly one field holding
+/// one non-negative integer (RFC 9111 §5.1). A number too large saturates.
+fn age(resp: &ResponseHeader) -> Option<Duration> {
+    let mut fields = resp.headers.get_all(header::AGE).iter();
+    let Some(field) = fields.next() else {
+        return Some(Duration::ZERO);
+    };
+    let digits = field.as_bytes();
+    if fields.next().is_some() || digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let seconds = digits.iter().fold(0u64, |n, d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    });
+    Some(Duration::from_secs(seconds))
 }
+
+/// What an origin's `Surrogate-Control` (W3C Edge Architecture) tells the edge: directives
+/// for every surrogate, and those aimed at this one by its name (`max-age=60;kingdom-edge`).
+#[derive(Debug, Default, PartialEq)]
+struct Surrogate {
+    no_store: bool,
+    max_age: Option<u32>,
+}
+
+impl Surrogate {
+    fn of(resp: &ResponseHeader) -> Surrogate {
+        let mut surrogate = Surrogate::default();
+        let directives = resp
+            .headers
+            .get_all(SURROGATE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|d| match d.trim().split_once(';') {
+                None => Some(d.trim()),
+                Some((d, target)) => (target.trim() == SURROGATE_NAME).then_some(d),
+            });
+        for directive in directives {
+            let (name, value) = directive.split_once('=').unwrap_or((directive, ""));
+            if name.eq_ignore_ascii_case("no-store") {
+                surrogate.no_store = true;
+            } else if name.eq_ignore_ascii_case("max-age")
+                && !value.is_empty()
+                && value.bytes().all(|b| b.is_ascii_digit())
+            {
+                surrogate.max_age = Some(value.parse().unwrap_or(u32::MAX));
+            }
+        }
+        surrogate
+    }
+}
+
+/// The origin's instructions to the edge; removed before an answer leaves it.
+pub const SURROGATE_CONTROL: &str = "surrogate-control";
+
+/// The name this cache goes by in `Surrogate-Control` targets.
+const SURROGATE_NAME: &str = "kingdom-edge";
+
+/// What a cached route's requests tell the origin the edge understands.
+pub const SURROGATE_CAPABILITY: &str = "surrogate-capability";
+pub const SURROGATE_CAPABILITY_VALUE: &str = "kingdom-edge=\"Surrogate/1.0\"";
 
 /// A header holding an HTTP date.
 fn header_date(resp: &ResponseHeader, name: HeaderName) -> Option<std::time::SystemTime> {
@@ -525,6 +638,104 @@ mod tests {
             p.cacheable(&tagged, false),
             RespCacheable::Cacheable(_)
         ));
+    }
+
+    #[test]
+    fn an_age_that_is_not_one_number_makes_the_answer_stale() {
+        let p = policy(None, &[]);
+        let with_age = |ages: &[&'static str]| {
+            let mut headers = vec![("cache-control", "max-age=3600")];
+            headers.extend(ages.iter().map(|a| ("age", *a)));
+            stored(&p, &response(200, &headers), false)
+        };
+        assert_eq!(with_age(&[]), Some(3600));
+        assert_eq!(with_age(&["0"]), Some(3600));
+        for bad in [
+            &["abc"][..],
+            &["-1"],
+            &["1.5"],
+            &["old, 0"],
+            &["0", "0"],
+            &["0, 0"],
+            &["0;x=1"],
+            &[""],
+        ] {
+            assert_eq!(with_age(bad), None, "{bad:?}");
+        }
+        assert_eq!(with_age(&["99999999999999999999999"]), None);
+    }
+
+    #[test]
+    fn surrogate_control_speaks_to_the_edge() {
+        let p = policy(None, &[]);
+        let answer = |headers: &[(&str, &str)]| stored(&p, &response(200, headers), false);
+        assert_eq!(answer(&[("surrogate-control", "max-age=60")]), Some(60));
+        assert_eq!(
+            answer(&[
+                ("surrogate-control", "MaX-aGe=60"),
+                ("cache-control", "max-age=1")
+            ]),
+            Some(60)
+        );
+        // It replaces Cache-Control here, no-store included, and is stored either way.
+        assert_eq!(
+            answer(&[
+                ("surrogate-control", "max-age=60"),
+                ("cache-control", "no-store")
+            ]),
+            Some(60)
+        );
+        assert_eq!(
+            answer(&[
+                ("surrogate-control", "no-store"),
+                ("cache-control", "max-age=60")
+            ]),
+            None
+        );
+        assert_eq!(
+            answer(&[
+                ("surrogate-control", "max-age=60;kingdom-edge"),
+                ("cache-control", "no-store")
+            ]),
+            Some(60)
+        );
+        // Not ours: aimed at another surrogate, or malformed.
+        for other in ["max-age=60;cdn", "max-age =60", "max-age= 60", "max-age=x"] {
+            assert_eq!(
+                answer(&[("surrogate-control", other), ("cache-control", "max-age=5")]),
+                Some(5),
+                "{other}"
+            );
+        }
+        assert_eq!(
+            answer(&[("surrogate-control", "max-age=99999999999")]),
+            Some(u64::from(u32::MAX))
+        );
+        // The edge still keeps no answer to an authorized request the origin did not share.
+        let header = response(200, &[("surrogate-control", "max-age=60")]);
+        assert_eq!(stored(&p, &header, true), None);
+    }
+
+    #[test]
+    fn must_understand_needs_a_known_status() {
+        let p = policy(None, &[]);
+        let cc = "max-age=60, must-understand";
+        assert_eq!(
+            stored(&p, &response(599, &[("cache-control", cc)]), false),
+            None
+        );
+        assert_eq!(
+            stored(&p, &response(200, &[("cache-control", cc)]), false),
+            Some(60)
+        );
+        assert_eq!(
+            stored(
+                &p,
+                &response(599, &[("cache-control", "max-age=60")]),
+                false
+            ),
+            Some(60)
+        );
     }
 
     #[test]

@@ -172,7 +172,9 @@ pub struct RequestCtx {
     /// Whether the current attempt's outcome has been recorded.
     recorded: bool,
     /// A 5xx answer that `upstream_response_filter` turned into a retry.
-    retrying_status: bool,
+    status_decided: bool,
+    /// What the current attempt's failure leads to, once decided (`after_failure`).
+    decision: Option<Next>,
     /// Held while an attempt is in flight to its backend.
     backend_in_flight: Option<BackendInFlight>,
     /// Why the exchange ended early, once it has.
@@ -362,7 +364,8 @@ impl ProxyHttp for EdgeProxy {
             tried: Vec::new(),
             choice: None,
             recorded: false,
-            retrying_status: false,
+            status_decided: false,
+            decision: None,
             backend_in_flight: None,
             cut: None,
             asterisk: false,
@@ -582,6 +585,7 @@ impl ProxyHttp for EdgeProxy {
         };
         ctx.tried.push(choice.id);
         ctx.choice = Some(choice);
+        ctx.decision = None;
         ctx.recorded = false;
         ctx.answered = false;
         ctx.backend_in_flight = Some(backend.state.start_request());
@@ -616,12 +620,19 @@ impl ProxyHttp for EdgeProxy {
         if let Some(user) = &ctx.user {
             upstream.insert_header("x-user-id", user)?;
         }
+        if ctx.route().is_some_and(|r| r.cache.is_some()) {
+            // The origin may aim `Surrogate-Control` at this cache by this name.
+            upstream.append_header(
+                cache_policy::SURROGATE_CAPABILITY,
+                cache_policy::SURROGATE_CAPABILITY_VALUE,
+            )?;
+        }
         Ok(())
     }
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
@@ -635,12 +646,9 @@ impl ProxyHttp for EdgeProxy {
         } else {
             ctx.record(failure);
         }
-        // Nothing reached the upstream: any method may be retried. A refused connection
-        // costs the backends nothing, so its retry needs no room in the budget (which is
-        // there to keep retries from multiplying the load on struggling backends).
         let refused = e.etype() == &ErrorType::ConnectRefused;
-        let retry = ctx.may_retry_with(!refused);
-        e.set_retry(retry);
+        let retry = after_failure(session, ctx, Failure::Connect { refused });
+        e.set_retry(matches!(retry, Next::Retry));
         e
     }
 
@@ -660,13 +668,23 @@ impl ProxyHttp for EdgeProxy {
             // A success only once the body is complete too: see `logging`.
             ctx.answered = true;
         }
-        if matches!(status, 502..=504) && replayable(session) && ctx.may_retry() {
-            ctx.retrying_status = true;
-            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying an upstream 5xx");
-            e.set_retry(true);
-            return Err(e);
+        if status < 500 {
+            return Ok(());
         }
-        Ok(())
+        match after_failure(session, ctx, Failure::Status(status)) {
+            // The answer goes on; for a stale one, Pingora's cache asks `should_serve_stale`
+            // about the 5xx, which says yes.
+            Next::PassOn | Next::ServeStale => Ok(()),
+            Next::Retry => {
+                // An error tells Pingora's attempt loop to try again (and
+                // `error_while_proxy` leaves it as it is).
+                ctx.status_decided = true;
+                let mut e =
+                    Error::explain(ErrorType::HTTPStatus(status), "retrying an upstream 5xx");
+                e.set_retry(true);
+                Err(e)
+            }
+        }
     }
 
     fn error_while_proxy(
@@ -678,7 +696,7 @@ impl ProxyHttp for EdgeProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if std::mem::take(&mut ctx.retrying_status) {
+        if std::mem::take(&mut ctx.status_decided) {
             return e;
         }
         if errors::client_gone(&e) {
@@ -717,7 +735,9 @@ impl ProxyHttp for EdgeProxy {
             ctx.resend
         } else {
             ctx.record(outcome(Some(&e), 0));
-            replayable(session) && ctx.may_retry()
+            // Not retried, a stale entry still answers if it may (Pingora asks
+            // `should_serve_stale` once the attempts are over).
+            matches!(after_failure(session, ctx, Failure::Exchange), Next::Retry)
         };
         e.set_retry(retry);
         e
@@ -800,25 +820,28 @@ impl ProxyHttp for EdgeProxy {
     /// or when the upstream failed or the pool has no backend to ask.
     fn should_serve_stale(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
         error: Option<&Error>,
     ) -> bool {
         let Some(error) = error else {
             return true;
         };
-        let pool_down = matches!(
+        // An attempt's failure is decided on in `after_failure` (a 5xx answer reaches here
+        // before `upstream_response_filter`). No attempt could be made when the pool has
+        // no backend to ask, or the time ran out between attempts.
+        let next = match (ctx.decision, error.etype()) {
+            (Some(next), _) => next,
+            (None, ErrorType::HTTPStatus(status)) => {
+                after_failure(session, ctx, Failure::Status(*status))
+            }
+            (None, _) => Next::PassOn,
+        };
+        let no_attempt = matches!(
             ctx.rejection,
-            Some(
-                Rejection::NoBackend
-                    | Rejection::NoHealthyBackend
-                    | Rejection::UpstreamFailed
-                    | Rejection::UpstreamTimeout
-            )
+            Some(Rejection::NoBackend | Rejection::NoHealthyBackend | Rejection::UpstreamTimeout)
         );
-        let upstream = error.esource() == &ErrorSource::Upstream
-            || matches!(error.etype(), ErrorType::HTTPStatus(status) if *status >= 500);
-        if pool_down || upstream {
+        if next == Next::ServeStale || no_attempt {
             // Answered from the cache after all: not a refusal.
             ctx.rejection = None;
             return true;
@@ -852,6 +875,8 @@ impl ProxyHttp for EdgeProxy {
             let status = cache_status(session, ctx.cache_stored);
             route.metrics.count_cache_lookup(status.result);
             response.insert_header("cache-status", status.value)?;
+            // Meant for the edge, which has read it (on a hit, when the answer was stored).
+            response.remove_header(cache_policy::SURROGATE_CONTROL);
         }
         let req = session.req_header();
         let changed = !req.method.is_safe() && (200..400).contains(&response.status.as_u16());
@@ -1106,6 +1131,65 @@ fn abort_response(session: &mut Session) {
     if let ServerSession::H2(h2) = session.as_downstream_mut() {
         h2.shutdown_with_reason(h2::Reason::INTERNAL_ERROR);
     }
+}
+
+/// How an upstream attempt failed.
+#[derive(Clone, Copy)]
+enum Failure {
+    /// No connection; `refused` when the backend's host turned it away at once.
+    Connect { refused: bool },
+    /// The exchange broke (an error, a timeout) before any of its answer went out.
+    Exchange,
+    /// The upstream answered with this 5xx status.
+    Status(u16),
+}
+
+/// What follows a failed upstream attempt.
+#[derive(Clone, Copy, PartialEq)]
+enum Next {
+    /// Another attempt, at another backend where there is one.
+    Retry,
+    /// The stale entry the cache holds for the request.
+    ServeStale,
+    /// The failure itself: the upstream's 5xx, or the edge's error answer.
+    PassOn,
+}
+
+/// The one decision after a failed attempt (a pooled connection found closed aside, which
+/// `error_while_proxy` resends outside the rules).
+///
+/// First another attempt, while the retry policy, its budget and the deadline allow:
+/// - a connection that failed carried nothing, so any request may be retried; a refused
+///   one costs the backends nothing, so its retry needs no room in the budget (which is
+///   there to keep retries from multiplying the load on struggling backends);
+/// - a broken exchange, or a 502, 503 or 504, when the request can be sent again.
+///
+/// Then the stale entry, while its `stale-if-error` window is open (RFC 5861: on errors
+/// and on 500, 502, 503 and 504); Pingora's cache then asks `should_serve_stale`, which
+/// follows this. Else the failure goes to the client.
+fn after_failure(session: &Session, ctx: &mut RequestCtx, failure: Failure) -> Next {
+    if let Some(next) = ctx.decision {
+        // Asked twice about one failure (Pingora's cache asks about a 5xx before
+        // `upstream_response_filter` sees it): the retry is charged to the budget once.
+        return next;
+    }
+    let retry = match failure {
+        Failure::Connect { refused } => ctx.may_retry_with(!refused),
+        Failure::Exchange => replayable(session) && ctx.may_retry(),
+        Failure::Status(status) => {
+            matches!(status, 502..=504) && replayable(session) && ctx.may_retry()
+        }
+    };
+    let stale_serves = !matches!(failure, Failure::Status(s) if !matches!(s, 500 | 502..=504));
+    let next = if retry {
+        Next::Retry
+    } else if stale_serves && session.cache.can_serve_stale_error() {
+        Next::ServeStale
+    } else {
+        Next::PassOn
+    };
+    ctx.decision = Some(next);
+    next
 }
 
 /// Whether the request can be sent again: an idempotent method whose body (if any) is still
