@@ -78,16 +78,20 @@ pub enum CacheResult {
     Revalidated,
     /// Not looked up (not a GET or HEAD).
     Bypass,
+    /// A copy of another request's answer, fetched while this one waited
+    /// (`coalesce_uncacheable`).
+    Collapsed,
 }
 
 impl CacheResult {
     /// Every result, in index order.
-    pub const ALL: [CacheResult; 5] = [
+    pub const ALL: [CacheResult; 6] = [
         CacheResult::Hit,
         CacheResult::Miss,
         CacheResult::Stale,
         CacheResult::Revalidated,
         CacheResult::Bypass,
+        CacheResult::Collapsed,
     ];
 
     /// Its `result` label.
@@ -98,6 +102,7 @@ impl CacheResult {
             CacheResult::Stale => "stale",
             CacheResult::Revalidated => "revalidated",
             CacheResult::Bypass => "bypass",
+            CacheResult::Collapsed => "collapsed",
         }
     }
 }

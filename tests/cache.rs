@@ -649,3 +649,110 @@ async fn a_stale_entry_answers_when_the_pool_is_down() {
     let missing = common::ask_on(&mut stream, &request("/c/other")).await;
     assert!(missing.starts_with("HTTP/1.1 502"), "{missing}");
 }
+
+#[tokio::test]
+async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_stored() {
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Semaphore;
+    // A hot endpoint whose answers are never stored; it answers only as the gate lets it.
+    let gate = Arc::new(Semaphore::new(0));
+    let asked = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (gate, asked) = (gate.clone(), asked.clone());
+        move || {
+            let (gate, asked) = (gate.clone(), asked.clone());
+            async move {
+                let n = asked.fetch_add(1, Ordering::SeqCst) + 1;
+                gate.acquire().await.unwrap().forget();
+                ([("cache-control", "no-store")], format!("answer {n}"))
+            }
+        }
+    };
+    let app = axum::Router::new()
+        .route("/hot", get(handler.clone()))
+        .route("/plain", get(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let p = free_ports(2);
+    let yaml = format!(
+        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: hot, match: {{ path_prefix: /hot }}, pool: origin, cache: {{ coalesce_uncacheable: true }} }}\n  - {{ name: plain, match: {{ path_prefix: /plain }}, pool: origin, cache: {{}} }}\n",
+        p[0], p[1]
+    );
+    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let http = client();
+    // Once each: the cache learns that neither answer is stored (hit-for-pass).
+    for path in ["/hot", "/plain"] {
+        gate.add_permits(1);
+        let first = http.get(edge.url(path)).send().await.unwrap();
+        assert_eq!(
+            header(&first, "cache-status").unwrap(),
+            "kingdom-edge; fwd=miss"
+        );
+    }
+    let burst = |path: &'static str, n: usize, cookie: bool| {
+        (0..n)
+            .map(|_| {
+                let mut request = http.get(edge.url(path));
+                if cookie {
+                    request = request.header("cookie", "session=mine");
+                }
+                tokio::spawn(request.send())
+            })
+            .collect::<Vec<_>>()
+    };
+    // Without the option, each request of a burst goes upstream.
+    let before = asked.load(Ordering::SeqCst);
+    let plain = burst("/plain", 5, false);
+    common::wait_for("5 requests at the origin", || async {
+        (asked.load(Ordering::SeqCst) - before == 5).then_some(())
+    })
+    .await;
+    gate.add_permits(5);
+    for response in plain {
+        assert_eq!(response.await.unwrap().unwrap().status(), 200);
+    }
+    // With it, 20 identical requests wait for one fetch; one with a cookie (its answer may
+    // be personal) fetches for itself.
+    let before = asked.load(Ordering::SeqCst);
+    let in_flight = common::metric(&edge.metrics().await, "kingdom_edge_in_flight");
+    let mut hot = burst("/hot", 20, false);
+    hot.extend(burst("/hot", 1, true));
+    edge.wait_metric("kingdom_edge_in_flight", in_flight + 21.0)
+        .await;
+    common::wait_for("the leader and the cookie at the origin", || async {
+        (asked.load(Ordering::SeqCst) - before == 2).then_some(())
+    })
+    .await;
+    gate.add_permits(2);
+    let mut bodies = HashMap::new();
+    let mut statuses = HashMap::new();
+    for response in hot {
+        let response = response.await.unwrap().unwrap();
+        assert_eq!(response.status(), 200);
+        *statuses
+            .entry(header(&response, "cache-status").unwrap())
+            .or_insert(0) += 1;
+        assert!(header(&response, "x-request-id").is_some());
+        *bodies.entry(response.text().await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(asked.load(Ordering::SeqCst) - before, 2, "{bodies:?}");
+    assert_eq!(
+        statuses["kingdom-edge; fwd=miss; collapsed"], 19,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses["kingdom-edge; fwd=miss"], 2, "{statuses:?}");
+    let mut shares: Vec<_> = bodies.values().copied().collect();
+    shares.sort();
+    assert_eq!(shares, [1, 20], "{bodies:?}");
+    edge.wait_metric(
+        "kingdom_edge_cache_lookups_total{result=\"collapsed\",route=\"hot\"}",
+        19.0,
+    )
+    .await;
+    let metrics = edge.metrics().await;
+    assert_eq!(common::metric(&metrics, "kingdom_edge_cache_objects"), 0.0);
+}

@@ -6,6 +6,7 @@
 //! runtime, not to a config snapshot: what is cached survives reloads, and `cache.memory`,
 //! `cache.max_object` and `cache.lock_timeout` take effect at the next restart.
 
+pub mod collapse;
 pub mod policy;
 pub mod storage;
 
@@ -76,6 +77,8 @@ pub struct Cache {
     /// Keys whose last answer could not be stored: their requests go straight upstream,
     /// neither locked nor waiting (hit-for-pass), until an answer can be stored again.
     pub predictor: &'static Predictor<LRU_SHARDS>,
+    /// Requests in flight that identical ones may share (`coalesce_uncacheable`).
+    pub collapser: &'static collapse::Collapser,
     /// As configured at start.
     pub settings: Settings,
 }
@@ -96,6 +99,7 @@ impl Cache {
                 UNCACHEABLE_KEYS / LRU_SHARDS,
                 Some(|reason| reason == policy::HEAD_REASON),
             ))),
+            collapser: Box::leak(Box::default()),
             settings,
         }
     }

@@ -32,6 +32,8 @@ pub struct CachePolicy {
     /// Serve-stale windows for answers that state none: while revalidating, on error.
     stale_while_revalidate: Duration,
     stale_if_error: Duration,
+    /// Identical concurrent GETs share one upstream request, stored or not.
+    pub coalesce_uncacheable: bool,
 }
 
 /// Why a HEAD's own answer is not stored (it is answered from a GET's entry).
@@ -86,6 +88,7 @@ impl CachePolicy {
             default_ttl,
             stale_while_revalidate: window(raw.stale_while_revalidate),
             stale_if_error: window(raw.stale_if_error),
+            coalesce_uncacheable: raw.coalesce_uncacheable.unwrap_or(false),
         })
     }
 
@@ -460,6 +463,7 @@ mod tests {
             key_headers: Some(key_headers.iter().map(|h| h.to_string()).collect()),
             stale_while_revalidate: None,
             stale_if_error: None,
+            coalesce_uncacheable: None,
         };
         CachePolicy::compile(&raw, "routes[0].cache", &mut Errors::default()).unwrap()
     }
@@ -609,6 +613,7 @@ mod tests {
             key_headers: None,
             stale_while_revalidate: None,
             stale_if_error: Some(Dur(Duration::from_secs(300))),
+            coalesce_uncacheable: None,
         };
         let windowed = CachePolicy::compile(&raw, "r", &mut Errors::default()).unwrap();
         let windows = |cc: &'static str| match windowed

@@ -62,6 +62,9 @@ pub struct RawRouteCache {
     /// How long a stale answer may be served when the upstream fails, when the answer does
     /// not say. Default: 0.
     pub stale_if_error: Option<Dur>,
+    /// Whether identical concurrent GETs share one upstream request even when its answer
+    /// is not stored. Default: false.
+    pub coalesce_uncacheable: Option<bool>,
 }
 
 /// `rate_limits.<name>`.

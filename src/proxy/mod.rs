@@ -48,6 +48,7 @@ use self::admit::Admission;
 use self::decorate::{decorate, Decoration};
 use crate::access_log::{self, AccessLog, Entry};
 use crate::balance::BackendId;
+use crate::cache::collapse::{self, Collapser, Role};
 use crate::cache::policy::{self as cache_policy, CachePolicy};
 use crate::cache::Cache;
 use crate::errors::{self, Refusal, Rejection};
@@ -110,6 +111,41 @@ impl EdgeProxy {
         }
     }
 
+    /// On a route with `coalesce_uncacheable`: the answer of an identical request in flight,
+    /// once it is complete; else (no flight, or nothing to share) `None`, and the request
+    /// goes upstream, leading a flight when there was none.
+    async fn collapse(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Option<Arc<collapse::Answer>> {
+        let policy = ctx.route()?.cache.as_ref()?;
+        let body_empty = session.is_body_empty();
+        let req = session.req_header();
+        if !policy.coalesce_uncacheable || !Collapser::eligible(req, body_empty) {
+            return None;
+        }
+        let (scheme, forwarded_host) = self.cache_scheme_and_host(ctx);
+        let host = request_host(req).unwrap_or("");
+        let key = pingora::cache::key::CacheHashKey::primary_bin(&policy.key(
+            scheme,
+            host,
+            forwarded_host,
+            req,
+        ));
+        let limit = self.cache.settings.max_object;
+        match self.cache.collapser.join(key, req, limit) {
+            Role::Leader(leader) => {
+                ctx.flight = Some(leader);
+                None
+            }
+            Role::Follower(flight) => {
+                let wait = self.cache.settings.lock_timeout;
+                collapse::follow(flight, req, wait).await
+            }
+        }
+    }
+
     /// The load shedding decides on: requests in flight, less those a slow-down holds back
     /// (they cost a timer, and a client being slowed down must not get others shed).
     fn load(&self) -> admit::Load<'_> {
@@ -157,6 +193,8 @@ pub struct RequestCtx {
     user: Option<String>,
     /// Whether the response was found storable (set on a cache miss).
     cache_stored: bool,
+    /// Leading identical requests that wait for this one's answer (`coalesce_uncacheable`).
+    flight: Option<Box<collapse::Leader>>,
     /// Headers admission adds to the response (the RateLimit fields).
     admission_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Whether the client connection is TLS.
@@ -357,6 +395,7 @@ impl ProxyHttp for EdgeProxy {
             pool_request: None,
             user: None,
             cache_stored: false,
+            flight: None,
             admission_headers: Vec::new(),
             tls: self.tls,
             pin: None,
@@ -501,6 +540,11 @@ impl ProxyHttp for EdgeProxy {
         let Some(pool) = ctx.route.map(|id| snapshot.pool(snapshot.route(id).pool)) else {
             return reject(ctx, Rejection::Internal);
         };
+        if let Some(answer) = self.collapse(session, ctx).await {
+            // Another request fetched it while this one waited.
+            write_collapsed(session, ctx, &answer).await?;
+            return Ok(false);
+        }
         // `timeouts.total` counts from here: a slow-down's wait, or one for another request's
         // fetch of the same cached URL, is not the upstream's.
         if !session.is_upgrade_req() {
@@ -668,13 +712,19 @@ impl ProxyHttp for EdgeProxy {
             // A success only once the body is complete too: see `logging`.
             ctx.answered = true;
         }
-        if status < 500 {
-            return Ok(());
-        }
-        match after_failure(session, ctx, Failure::Status(status)) {
+        let next = match status {
+            500.. => after_failure(session, ctx, Failure::Status(status)),
+            _ => Next::PassOn,
+        };
+        match next {
             // The answer goes on; for a stale one, Pingora's cache asks `should_serve_stale`
             // about the 5xx, which says yes.
-            Next::PassOn | Next::ServeStale => Ok(()),
+            Next::PassOn | Next::ServeStale => {
+                if let Some(leader) = &mut ctx.flight {
+                    leader.header(response);
+                }
+                Ok(())
+            }
             Next::Retry => {
                 // An error tells Pingora's attempt loop to try again (and
                 // `error_while_proxy` leaves it as it is).
@@ -746,10 +796,13 @@ impl ProxyHttp for EdgeProxy {
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        if let Some(leader) = &mut ctx.flight {
+            leader.body(body.as_ref(), end_of_stream);
+        }
         if end_of_stream && ctx.answered {
             // The whole response came in: a success, recorded before its last bytes go out.
             ctx.record(Outcome::Ok);
@@ -1327,6 +1380,32 @@ fn error_header(
         header.insert_header(header::RETRY_AFTER, "1")?;
     }
     Ok(header)
+}
+
+/// Writes a copy of another request's `answer` with this request's own decoration.
+async fn write_collapsed(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    answer: &collapse::Answer,
+) -> Result<()> {
+    let mut header = answer.header.clone();
+    strip_hop_by_hop(&mut header);
+    header.remove_header(&header::TRANSFER_ENCODING);
+    header.insert_header(header::CONTENT_LENGTH, answer.body.len().to_string())?;
+    header.remove_header(cache_policy::SURROGATE_CONTROL);
+    decorate(&mut header, &ctx.decoration(session.req_header()));
+    header.insert_header("cache-status", "kingdom-edge; fwd=miss; collapsed")?;
+    if let Some(route) = ctx.route() {
+        route
+            .metrics
+            .count_cache_lookup(crate::metrics::CacheResult::Collapsed);
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(answer.body.clone()), true)
+        .await
 }
 
 /// Writes the JSON error for `rejection`, with the refusal's headers.
