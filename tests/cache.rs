@@ -756,3 +756,49 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
     let metrics = edge.metrics().await;
     assert_eq!(common::metric(&metrics, "kingdom_edge_cache_objects"), 0.0);
 }
+
+#[tokio::test]
+async fn a_stale_entry_answers_when_the_upstream_outlasts_the_total_deadline() {
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // An origin that hangs once told to; its answer may be served stale for a minute on error.
+    let hang = Arc::new(AtomicBool::new(false));
+    let hanging = hang.clone();
+    let app = axum::Router::new().route(
+        "/c/slow",
+        get(move || {
+            let hang = hanging.load(Ordering::SeqCst);
+            async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                ([("cache-control", "max-age=0, stale-if-error=60")], "good")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let p = free_ports(2);
+    let yaml = format!(
+        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}], timeouts: {{ total: 300ms }} }} }}\nroutes: [{{ name: cached, pool: origin, cache: {{}} }}]\n",
+        p[0], p[1]
+    );
+    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let http = client();
+    let first = http.get(edge.url("/c/slow")).send().await.unwrap();
+    assert_eq!(
+        header(&first, "cache-status").unwrap(),
+        "kingdom-edge; fwd=miss; stored"
+    );
+    hang.store(true, Ordering::SeqCst);
+    let stale = http.get(edge.url("/c/slow")).send().await.unwrap();
+    assert_eq!(stale.status(), 200);
+    assert_eq!(
+        header(&stale, "cache-status").as_deref(),
+        Some("kingdom-edge; hit; fwd=stale")
+    );
+    assert_eq!(stale.text().await.unwrap(), "good");
+}

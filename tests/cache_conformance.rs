@@ -23,9 +23,10 @@ use tokio::process::Command;
 /// The package version `package-lock.json` pins.
 const VERSION: &str = "0.4.5";
 
-/// Required tests the proxy passes, less a margin of 2 for a test that paces itself with
-/// pauses on a busy machine. README "Conformance" quotes the full tally.
-const REQUIRED_PASSES: usize = 151;
+/// Required tests the proxy passes (152 or 153: the retry budget decides whether a 5xx is
+/// asked again, which the suite marks as a retry), less a margin of 2 for a test that paces
+/// itself with pauses on a busy machine. README "Conformance" quotes the full tally.
+const REQUIRED_PASSES: usize = 150;
 
 /// What the suite's tests are about that must never fail (matched against suite and test ids).
 const NEVER_FAIL: &[&str] = &["no-store", "private", "auth", "vary", "invalidat"];
@@ -174,7 +175,8 @@ async fn the_http_cache_tests_suite_through_the_proxy() {
         &[("npm_config_base", &base), ("npm_package_config_id", "")],
     )
     .await;
-    let results = edge.dir.path().join("results.json");
+    // Kept for reading: `npm run cli --id=<test>` in the package shows one test's exchange.
+    let results = package.join("../../results.json");
     std::fs::write(&results, &json).unwrap();
     let graded = grade(&package, &results).await;
     assert!(graded.len() > 300, "{} tests graded", graded.len());

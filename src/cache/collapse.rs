@@ -213,15 +213,9 @@ fn shareable(resp: &ResponseHeader) -> bool {
     !personal && status >= 200 && status != 206 && status != 304
 }
 
-/// The header names a response's `Vary` lists (`*` as the name `*`).
+/// The header names a response's `Vary` lists (`*`, or a name that is none, as `*`).
 fn vary_names(resp: &ResponseHeader) -> impl Iterator<Item = HeaderName> + '_ {
-    resp.headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|name| !name.is_empty())
+    super::policy::vary_names(resp)
         .map(|name| HeaderName::from_bytes(name.as_bytes()).unwrap_or(HeaderName::from_static("*")))
 }
 

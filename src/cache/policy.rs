@@ -185,17 +185,26 @@ impl CachePolicy {
             // stale in: useless to keep.
             return RespCacheable::Uncacheable(NoCacheReason::Custom("stale-on-arrival"));
         }
-        let created = created.checked_sub(age).unwrap_or(created);
+        // An age beyond the clock's reach is as old as can be.
+        let created = created.checked_sub(age).unwrap_or(std::time::UNIX_EPOCH);
         // A far-future `Expires` cannot overflow the clock: it is fresh as long as it can be.
         let fresh_until = created
             .checked_add(lifetime)
             .unwrap_or_else(|| meta.fresh_until());
+        let mut stored = meta.response_header_copy();
+        // The age is in `created` now, and hits say their own; a response that came without
+        // a `Date` keeps the time it was received (RFC 9110 §6.6.1), which hits then show.
+        stored.remove_header(&header::AGE);
+        if !stored.headers.contains_key(header::DATE) {
+            let received = httpdate::fmt_http_date(meta.created());
+            stored.insert_header(header::DATE, received).ok();
+        }
         RespCacheable::Cacheable(CacheMeta::new(
             fresh_until,
             created,
             seconds(swr),
             seconds(sie),
-            meta.response_header_copy(),
+            stored,
         ))
     }
 
@@ -221,8 +230,9 @@ impl CachePolicy {
     }
 
     /// Storage under the origin's `Surrogate-Control: max-age`, meant for the edge: it
-    /// replaces `Cache-Control` and `Expires` here. `Authorization` still needs the origin's
-    /// word in `Cache-Control`.
+    /// replaces `Cache-Control`'s and `Expires`' freshness and `no-store` here. `private`
+    /// still keeps an answer out (and `private="…"` its fields), and `Authorization` still
+    /// needs the origin's word in `Cache-Control`.
     fn storable_for_surrogate(
         resp: &ResponseHeader,
         authorization: bool,
@@ -231,16 +241,28 @@ impl CachePolicy {
         if let Some(reason) = Self::refused(resp) {
             return RespCacheable::Uncacheable(reason);
         }
-        let shared = CacheControl::from_resp_headers(resp)
+        let control = CacheControl::from_resp_headers(resp);
+        let personal = control
+            .as_ref()
+            .is_some_and(|cc| cc.private() && cc.private_field_names().is_none());
+        if personal {
+            return RespCacheable::Uncacheable(NoCacheReason::Custom("private"));
+        }
+        let shared = control
+            .as_ref()
             .is_some_and(|cc| cc.public() || cc.has_key("s-maxage") || cc.must_revalidate());
         if authorization && !shared {
             return RespCacheable::Uncacheable(NoCacheReason::Custom("authorization"));
+        }
+        let mut stored = resp.clone();
+        if let Some(cc) = &control {
+            cc.strip_private_headers(&mut stored);
         }
         let now = std::time::SystemTime::now();
         let fresh_until = now
             .checked_add(Duration::from_secs(seconds.into()))
             .unwrap_or(now);
-        RespCacheable::Cacheable(CacheMeta::new(fresh_until, now, 0, 0, resp.clone()))
+        RespCacheable::Cacheable(CacheMeta::new(fresh_until, now, 0, 0, stored))
     }
 
     /// Whether `resp` may be stored at all, and its freshness as RFC 9111 states it.
@@ -396,7 +418,7 @@ fn header_date(resp: &ResponseHeader, name: HeaderName) -> Option<std::time::Sys
 }
 
 /// The names a response's `Vary` lists, lower case.
-fn vary_names(resp: &ResponseHeader) -> impl Iterator<Item = String> + '_ {
+pub(crate) fn vary_names(resp: &ResponseHeader) -> impl Iterator<Item = String> + '_ {
     resp.headers
         .get_all(header::VARY)
         .iter()
@@ -668,6 +690,26 @@ mod tests {
             assert_eq!(with_age(bad), None, "{bad:?}");
         }
         assert_eq!(with_age(&["99999999999999999999999"]), None);
+        // Even with a validator to keep it for: stale, never fresh.
+        let huge = response(
+            200,
+            &[
+                ("cache-control", "max-age=3600"),
+                ("etag", "\"v\""),
+                ("age", "99999999999999999999999"),
+            ],
+        );
+        let RespCacheable::Cacheable(meta) = p.cacheable(&huge, false) else {
+            panic!("kept, to be revalidated");
+        };
+        assert!(!meta.is_fresh(std::time::SystemTime::now()));
+        // What is stored says no `Age` (hits say their own) and has a `Date`.
+        let aged = response(200, &[("cache-control", "max-age=60"), ("age", "10")]);
+        let RespCacheable::Cacheable(meta) = p.cacheable(&aged, false) else {
+            panic!("stored");
+        };
+        assert!(!meta.headers().contains_key("age"));
+        assert!(meta.headers().contains_key("date"));
     }
 
     #[test]
@@ -682,7 +724,26 @@ mod tests {
             ]),
             Some(60)
         );
-        // It replaces Cache-Control here, no-store included, and is stored either way.
+        // It replaces Cache-Control here, no-store included, but not private.
+        assert_eq!(
+            answer(&[
+                ("surrogate-control", "max-age=60"),
+                ("cache-control", "private")
+            ]),
+            None
+        );
+        let qualified = response(
+            200,
+            &[
+                ("surrogate-control", "max-age=60"),
+                ("cache-control", "private=\"x-account\""),
+                ("x-account", "42"),
+            ],
+        );
+        let RespCacheable::Cacheable(meta) = p.cacheable(&qualified, false) else {
+            panic!("stored");
+        };
+        assert!(!meta.headers().contains_key("x-account"));
         assert_eq!(
             answer(&[
                 ("surrogate-control", "max-age=60"),

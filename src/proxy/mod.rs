@@ -666,7 +666,8 @@ impl ProxyHttp for EdgeProxy {
         }
         if ctx.route().is_some_and(|r| r.cache.is_some()) {
             // The origin may aim `Surrogate-Control` at this cache by this name.
-            upstream.append_header(
+            // (A client's own claim about the edge's capabilities is not passed on.)
+            upstream.insert_header(
                 cache_policy::SURROGATE_CAPABILITY,
                 cache_policy::SURROGATE_CAPABILITY_VALUE,
             )?;
@@ -880,26 +881,40 @@ impl ProxyHttp for EdgeProxy {
         let Some(error) = error else {
             return true;
         };
-        // An attempt's failure is decided on in `after_failure` (a 5xx answer reaches here
-        // before `upstream_response_filter`). No attempt could be made when the pool has
-        // no backend to ask, or the time ran out between attempts.
-        let next = match (ctx.decision, error.etype()) {
-            (Some(next), _) => next,
-            (None, ErrorType::HTTPStatus(status)) => {
-                after_failure(session, ctx, Failure::Status(*status))
-            }
-            (None, _) => Next::PassOn,
-        };
+        // No attempt could be made: the pool has no backend to ask, the time ran out
+        // between attempts, or a strict pin's backend failed.
         let no_attempt = matches!(
             ctx.rejection,
-            Some(Rejection::NoBackend | Rejection::NoHealthyBackend | Rejection::UpstreamTimeout)
+            Some(
+                Rejection::NoBackend
+                    | Rejection::NoHealthyBackend
+                    | Rejection::UpstreamTimeout
+                    | Rejection::StickyBackendUnavailable
+            )
         );
-        if next == Next::ServeStale || no_attempt {
+        let upstream = error.esource() == &ErrorSource::Upstream;
+        let serve = match (ctx.decision, error.etype()) {
+            (_, _) if no_attempt => true,
+            // As decided in `after_failure`; a retry still planned never came about.
+            (Some(next), _) => next != Next::PassOn,
+            // A 5xx answer reaches here before `upstream_response_filter`: decided now, and
+            // recorded against its backend, which the stale answer would skip.
+            (None, ErrorType::HTTPStatus(status)) if upstream && ctx.rejection.is_none() => {
+                let next = after_failure(session, ctx, Failure::Status(*status));
+                if next == Next::ServeStale {
+                    ctx.record(outcome(None, *status));
+                }
+                next == Next::ServeStale
+            }
+            // An exchange ended where no retry was possible (the deadline, a pooled
+            // connection that could not be resent).
+            (None, _) => upstream && ctx.rejection.is_none(),
+        };
+        if serve {
             // Answered from the cache after all: not a refusal.
             ctx.rejection = None;
-            return true;
         }
-        false
+        serve
     }
 
     fn cache_vary_filter(
