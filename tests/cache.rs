@@ -84,6 +84,16 @@ async fn origin() -> (SocketAddr, Counts) {
     (address, counts)
 }
 
+/// Serves `app` on a loopback ephemeral port: its address and its task.
+async fn serve(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (address, task)
+}
+
 /// A proxy caching everything under `/c` of the origin but DELETEs (route `writes`),
 /// nothing elsewhere; 127.0.0.1 is a trusted proxy.
 async fn caching_edge(origin: SocketAddr) -> Edge {
@@ -557,11 +567,7 @@ async fn a_stale_entry_answers_an_upstream_5xx_after_the_retries() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let (origin, _) = serve(app).await;
     let edge = caching_edge(origin).await;
     let http = client();
     for (name, status) in [("b", 500), ("a", 503)] {
@@ -608,11 +614,7 @@ async fn a_stale_entry_answers_when_the_pool_is_down() {
         "/c/sie",
         get(|| async { ([("cache-control", "max-age=0, stale-if-error=60")], "good") }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let (origin, server) = serve(app).await;
     let edge = caching_edge(origin).await;
     let http = client();
     let first = http.get(edge.url("/c/sie")).send().await.unwrap();
@@ -672,11 +674,7 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
     let app = axum::Router::new()
         .route("/hot", get(handler.clone()))
         .route("/plain", get(handler));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let (origin, _) = serve(app).await;
     let p = free_ports(2);
     let yaml = format!(
         "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: hot, match: {{ path_prefix: /hot }}, pool: origin, cache: {{ coalesce_uncacheable: true }} }}\n  - {{ name: plain, match: {{ path_prefix: /plain }}, pool: origin, cache: {{}} }}\n",
@@ -776,11 +774,7 @@ async fn a_stale_entry_answers_when_the_upstream_outlasts_the_total_deadline() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let (origin, _) = serve(app).await;
     let p = free_ports(2);
     let yaml = format!(
         "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}], timeouts: {{ total: 300ms }} }} }}\nroutes: [{{ name: cached, pool: origin, cache: {{}} }}]\n",
