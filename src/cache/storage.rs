@@ -15,6 +15,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -24,6 +25,7 @@ use pingora::cache::storage::{
 };
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, PurgeType, Storage};
+use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType, Result};
 
 /// Maps per store.
@@ -32,10 +34,67 @@ pub const SHARDS: usize = 16;
 /// Bytes an object costs beyond its body and header: the map entry and the object itself.
 const OVERHEAD: usize = 128;
 
+/// A stored response's `CacheMeta`, kept as it is: a hit rebuilds the meta from it with a
+/// clone of the header, instead of `CacheMeta::deserialize`, which decompresses (zstd) and
+/// parses the header anew each time. (What is not kept: the first creation time and the
+/// provenance of an entry since revalidated, which only pingora-cache's invalidation by
+/// time reads, unused here.)
+struct StoredMeta {
+    fresh_until: SystemTime,
+    /// When it was stored or last revalidated: what its age counts from.
+    updated: SystemTime,
+    stale_while_revalidate: u32,
+    stale_if_error: u32,
+    variance: Option<HashBinary>,
+    epoch_override: Option<SystemTime>,
+    header: ResponseHeader,
+    /// What the header weighs against `cache.memory`.
+    header_bytes: usize,
+}
+
+impl StoredMeta {
+    fn of(meta: &CacheMeta) -> Self {
+        let header = meta.response_header().clone();
+        // The header as written on the wire, about: each field's name, value and `: \r\n`.
+        let header_bytes = 16
+            + header
+                .headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum::<usize>();
+        Self {
+            fresh_until: meta.fresh_until(),
+            updated: meta.updated(),
+            stale_while_revalidate: meta.stale_while_revalidate_sec(),
+            stale_if_error: meta.stale_if_error_sec(),
+            variance: meta.variance(),
+            epoch_override: meta.epoch_override(),
+            header,
+            header_bytes,
+        }
+    }
+
+    fn meta(&self) -> CacheMeta {
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            self.updated,
+            self.stale_while_revalidate,
+            self.stale_if_error,
+            self.header.clone(),
+        );
+        if let Some(variance) = self.variance {
+            meta.set_variance(variance);
+        }
+        if let Some(epoch) = self.epoch_override {
+            meta.set_epoch_override(epoch);
+        }
+        meta
+    }
+}
+
 /// One stored response.
 struct Object {
-    /// `CacheMeta::serialize`: its internal part and its header.
-    meta: (Vec<u8>, Vec<u8>),
+    meta: StoredMeta,
     body: Bytes,
     /// The primary key's text (the URL), for purges by prefix.
     url: Box<str>,
@@ -45,13 +104,8 @@ struct Object {
 
 impl Object {
     fn weight(&self) -> usize {
-        weight(self.body.len(), &self.meta)
+        self.body.len() + self.meta.header_bytes + OVERHEAD
     }
-}
-
-/// What an object of `body` bytes with `meta` weighs against `cache.memory`.
-pub fn weight(body: usize, meta: &(Vec<u8>, Vec<u8>)) -> usize {
-    body + meta.0.len() + meta.1.len() + OVERHEAD
 }
 
 /// One shard: objects by their combined (primary and variance) hash.
@@ -203,7 +257,7 @@ impl Storage for MemoryStorage {
         let Some(object) = read(self.shard(&combined)).get(&combined).cloned() else {
             return Ok(None);
         };
-        let meta = CacheMeta::deserialize(&object.meta.0, &object.meta.1)?;
+        let meta = object.meta.meta();
         let hit = Hit {
             body: object.body.clone(),
             start: 0,
@@ -224,7 +278,7 @@ impl Storage for MemoryStorage {
             combined: key.combined_bin(),
             key: key.to_compact(),
             url: String::from_utf8_lossy(key.primary_key()).into(),
-            meta: meta.serialize()?,
+            meta: StoredMeta::of(meta),
             body: BytesMut::new(),
             too_large: false,
         }))
@@ -255,7 +309,7 @@ impl Storage for MemoryStorage {
         self.insert(
             combined,
             Object {
-                meta: meta.serialize()?,
+                meta: StoredMeta::of(meta),
                 body: object.body.clone(),
                 url: object.url.clone(),
                 key: object.key.clone(),
@@ -332,7 +386,7 @@ struct Miss {
     combined: HashBinary,
     key: CompactCacheKey,
     url: Box<str>,
-    meta: (Vec<u8>, Vec<u8>),
+    meta: StoredMeta,
     body: BytesMut,
     too_large: bool,
 }
@@ -374,8 +428,7 @@ mod tests {
     use super::*;
     use pingora::cache::eviction::lru::Manager;
     use pingora::cache::eviction::{CacheEntryKey, EvictionManager};
-    use pingora::http::ResponseHeader;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     fn leak<T>(value: T) -> &'static T {
         Box::leak(Box::new(value))
