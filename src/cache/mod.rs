@@ -87,8 +87,9 @@ impl Cache {
     /// The cache for `settings`. Its parts live as long as the process (pingora wants them
     /// `'static`); a process makes one.
     pub fn new(settings: Settings) -> Self {
-        // An estimate of the objects held, to size the LRU's maps up front.
-        let objects = (settings.memory / (16 << 10)).max(1024);
+        // An estimate of the objects held (16 KiB each), to size the LRU's maps up front; the
+        // manager takes it per shard.
+        let objects = (settings.memory / (16 << 10)).max(1024) / LRU_SHARDS;
         let lock: Box<CacheKeyLockImpl> = CacheLock::new_boxed(settings.lock_timeout);
         Self {
             storage: Box::leak(Box::new(MemoryStorage::new(settings.max_object))),
