@@ -374,19 +374,29 @@ struct Surrogate {
 }
 
 impl Surrogate {
+    /// The directives aimed at this edge by name, if there are any (they take precedence),
+    /// else those for every surrogate.
     fn of(resp: &ResponseHeader) -> Surrogate {
+        let directives = || {
+            resp.headers
+                .get_all(SURROGATE_CONTROL)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|d| match d.split_once(';') {
+                    None => (d.trim(), None),
+                    Some((d, target)) => (d.trim(), Some(target.trim())),
+                })
+        };
+        let targeted = directives().any(|(_, target)| target == Some(SURROGATE_NAME));
+        let ours = directives()
+            .filter(|(_, target)| match target {
+                Some(name) => *name == SURROGATE_NAME,
+                None => !targeted,
+            })
+            .map(|(directive, _)| directive);
         let mut surrogate = Surrogate::default();
-        let directives = resp
-            .headers
-            .get_all(SURROGATE_CONTROL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|d| match d.trim().split_once(';') {
-                None => Some(d.trim()),
-                Some((d, target)) => (target.trim() == SURROGATE_NAME).then_some(d),
-            });
-        for directive in directives {
+        for directive in ours {
             let (name, value) = directive.split_once('=').unwrap_or((directive, ""));
             if name.eq_ignore_ascii_case("no-store") {
                 surrogate.no_store = true;
@@ -763,6 +773,18 @@ mod tests {
                 ("surrogate-control", "max-age=60;kingdom-edge"),
                 ("cache-control", "no-store")
             ]),
+            Some(60)
+        );
+        // Aimed at this edge, it wins over what is for every surrogate.
+        assert_eq!(
+            answer(&[(
+                "surrogate-control",
+                "max-age=60 ;kingdom-edge, max-age=3600"
+            )]),
+            Some(60)
+        );
+        assert_eq!(
+            answer(&[("surrogate-control", "no-store, max-age=60;kingdom-edge")]),
             Some(60)
         );
         // Not ours: aimed at another surrogate, or malformed.
