@@ -4,18 +4,22 @@
 //!
 //! The cache lock coalesces misses only while an answer may be stored: once a key is known
 //! not to be (hit-for-pass), its requests go upstream in parallel. Here the first request
-//! for a key leads: the others wait (at most `cache.lock_timeout`) and get a copy of its
-//! answer once the whole body is in, or fetch for themselves when it cannot be shared: a
-//! failed or cut exchange, a body over `cache.max_object`, `Set-Cookie`, `private`,
-//! `Vary: *`, or a `Vary` whose headers differ between the two requests.
+//! for a key leads. The others that arrive before its answer's header wait and get a copy
+//! of its answer once the whole body is in, or fetch for themselves when it cannot be
+//! shared: a failed or cut exchange, a 5xx, a body over `cache.max_object`, `Set-Cookie`,
+//! `private` (with or without field names), `no-cache="…"`, `Vary: *`, a `Vary` naming a
+//! header the edge sets upstream, or a `Vary` whose headers differ between the two
+//! requests. A flight lasts at most `cache.lock_timeout` from its start: waiting followers
+//! then fetch for themselves, and the next request starts a new flight. An answer whose
+//! header comes with nobody waiting ends the flight at once (nothing is copied).
 //!
-//! Requests whose answers may be personal or partial do not take part: those with
-//! `Authorization`, `Cookie`, `Range` or a condition (`If-None-Match`, `If-Modified-Since`,
-//! ...), and any with a body.
+//! Requests whose answers may be personal, partial or not HTTP do not take part: those with
+//! `Authorization`, `Cookie`, `Range`, a condition (`If-None-Match`, `If-Modified-Since`,
+//! ...) or `Upgrade`, and any with a body.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Method};
@@ -31,9 +35,12 @@ const SHARDS: usize = 16;
 /// or `Some(None)` when it cannot be shared (each follower fetches for itself).
 type Outcome = Option<Option<Arc<Answer>>>;
 
+/// A flight as others find it: when it ends, and where its answer comes.
+type Flight = (Instant, watch::Receiver<Outcome>);
+
 /// The requests in flight that others may collapse into, by key.
 pub struct Collapser {
-    shards: [Mutex<HashMap<HashBinary, watch::Receiver<Outcome>>>; SHARDS],
+    shards: [Mutex<HashMap<HashBinary, Flight>>; SHARDS],
 }
 
 /// A complete upstream answer, shared.
@@ -49,8 +56,8 @@ pub struct Answer {
 pub enum Role {
     /// The first: it fetches, and its answer is copied to the others.
     Leader(Box<Leader>),
-    /// Another: it waits for the leader's answer.
-    Follower(watch::Receiver<Outcome>),
+    /// Another: it waits for the leader's answer, until the flight's deadline.
+    Follower(watch::Receiver<Outcome>, Instant),
 }
 
 impl Default for Collapser {
@@ -64,10 +71,11 @@ impl Default for Collapser {
 impl Collapser {
     /// Whether `req` may take part (see the module's doc).
     pub fn eligible(req: &RequestHeader, body_empty: bool) -> bool {
-        const PERSONAL: [HeaderName; 8] = [
+        const PERSONAL: [HeaderName; 9] = [
             header::AUTHORIZATION,
             header::COOKIE,
             header::RANGE,
+            header::UPGRADE,
             header::IF_NONE_MATCH,
             header::IF_MODIFIED_SINCE,
             header::IF_MATCH,
@@ -79,18 +87,29 @@ impl Collapser {
             && !PERSONAL.iter().any(|name| req.headers.contains_key(name))
     }
 
-    /// Joins the flight for `key`, leading it when there is none.
-    pub fn join(&'static self, key: HashBinary, req: &RequestHeader, limit: usize) -> Role {
+    /// Joins the flight for `key`, leading it when there is none younger than `timeout`.
+    /// A leader keeps at most `limit` bytes of body.
+    pub fn join(
+        &'static self,
+        key: HashBinary,
+        req: &RequestHeader,
+        limit: usize,
+        timeout: Duration,
+    ) -> Role {
+        let now = Instant::now();
         let mut shard = self.shard(&key).lock().unwrap();
-        if let Some(receiver) = shard.get(&key) {
-            return Role::Follower(receiver.clone());
+        if let Some((deadline, receiver)) = shard.get(&key) {
+            if now < *deadline {
+                return Role::Follower(receiver.clone(), *deadline);
+            }
         }
         let (sender, receiver) = watch::channel(None);
-        shard.insert(key, receiver);
+        shard.insert(key, (now + timeout, receiver));
         Role::Leader(Box::new(Leader {
             collapser: self,
             key,
-            sender,
+            sender: Some(sender),
+            deadline: now + timeout,
             request: req.clone(),
             header: None,
             body: BytesMut::new(),
@@ -103,19 +122,20 @@ impl Collapser {
         self.shards.iter().map(|s| s.lock().unwrap().len()).sum()
     }
 
-    fn shard(&self, key: &HashBinary) -> &Mutex<HashMap<HashBinary, watch::Receiver<Outcome>>> {
+    fn shard(&self, key: &HashBinary) -> &Mutex<HashMap<HashBinary, Flight>> {
         &self.shards[key[0] as usize % SHARDS]
     }
 }
 
-/// Waits up to `timeout` for the leader's answer; `None` when the follower must fetch for
+/// Waits until `deadline` for the leader's answer; `None` when the follower must fetch for
 /// itself (nothing to share, a leader gone, the wait over, or a variant not its own).
 pub async fn follow(
     mut receiver: watch::Receiver<Outcome>,
     req: &RequestHeader,
-    timeout: Duration,
+    deadline: Instant,
 ) -> Option<Arc<Answer>> {
-    let waited = tokio::time::timeout(timeout, receiver.wait_for(Option::is_some)).await;
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let waited = tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await;
     let answer = match waited {
         Ok(Ok(outcome)) => outcome.clone().flatten()?,
         _ => return None,
@@ -138,7 +158,10 @@ impl Answer {
 pub struct Leader {
     collapser: &'static Collapser,
     key: HashBinary,
-    sender: watch::Sender<Outcome>,
+    /// Until the followers are told.
+    sender: Option<watch::Sender<Outcome>>,
+    /// When the flight ends, answered or not.
+    deadline: Instant,
     request: RequestHeader,
     header: Option<ResponseHeader>,
     body: BytesMut,
@@ -147,12 +170,24 @@ pub struct Leader {
 
 impl Leader {
     /// The upstream's answer header (a later attempt's replaces an earlier one's). One
-    /// that cannot be shared ends the flight at once.
+    /// that cannot be shared, or that nobody waits for, ends the flight at once.
     pub fn header(&mut self, resp: &ResponseHeader) {
-        self.body.clear();
-        self.header = shareable(resp).then(|| resp.clone());
-        if self.header.is_none() {
+        self.body = BytesMut::new();
+        let length = content_length(resp);
+        // Besides the map's own receiver.
+        let waited_for = self.sender.as_ref().is_some_and(|s| s.receiver_count() > 1);
+        let fits = length.is_none_or(|n| n <= self.limit);
+        if !(waited_for && fits && shareable(resp)) {
+            self.header = None;
             self.finish(None);
+            return;
+        }
+        self.header = Some(resp.clone());
+        if length == Some(0) || resp.status.as_u16() == 204 {
+            // No body follows.
+            self.body(None, true);
+        } else if let Some(length) = length {
+            self.body.reserve(length);
         }
     }
 
@@ -161,14 +196,15 @@ impl Leader {
         if self.header.is_none() {
             return;
         }
-        if let Some(chunk) = chunk {
-            if self.body.len() + chunk.len() > self.limit {
-                self.header = None;
-                self.finish(None);
-                return;
-            }
-            self.body.extend_from_slice(chunk);
+        let chunk = chunk.map_or(&[][..], |c| &c[..]);
+        if self.body.len() + chunk.len() > self.limit || Instant::now() >= self.deadline {
+            // Too large to copy, or too late for the followers, who fetch for themselves.
+            self.header = None;
+            self.body = BytesMut::new();
+            self.finish(None);
+            return;
         }
+        self.body.extend_from_slice(chunk);
         if end_of_stream {
             let header = self.header.take().expect("checked above");
             let varied = vary_names(&header)
@@ -188,9 +224,17 @@ impl Leader {
 
     /// Tells the followers, and leaves the map: later requests start a new flight.
     fn finish(&mut self, answer: Option<Arc<Answer>>) {
-        if self.sender.borrow().is_none() {
-            self.sender.send_replace(Some(answer));
-            let mut shard = self.collapser.shard(&self.key).lock().unwrap();
+        // Once told, the followers hold the answer; the leader keeps nothing of it.
+        let Some(sender) = self.sender.take() else {
+            return;
+        };
+        sender.send_replace(Some(answer));
+        let mut shard = self.collapser.shard(&self.key).lock().unwrap();
+        // A flight that outlived its deadline may have been replaced by a newer one.
+        let ours = shard
+            .get(&self.key)
+            .is_some_and(|(_, receiver)| receiver.same_channel(&sender.subscribe()));
+        if ours {
             shard.remove(&self.key);
         }
     }
@@ -202,15 +246,41 @@ impl Drop for Leader {
     }
 }
 
+/// Headers the edge sets on the upstream request: an answer that varies on one of them
+/// may differ between two requests that look the same from the client side.
+const SET_UPSTREAM: [&str; 6] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "x-user-id",
+    "surrogate-capability",
+];
+
 /// Whether an answer may be given to requests other than the one that asked for it.
 fn shareable(resp: &ResponseHeader) -> bool {
+    let control = CacheControl::from_resp_headers(resp);
     let personal = resp.headers.contains_key(header::SET_COOKIE)
-        || CacheControl::from_resp_headers(resp).is_some_and(|cc| cc.private())
-        || vary_names(resp).any(|name| name.as_str() == "*");
+        || control
+            .as_ref()
+            .is_some_and(|cc| cc.has_key("private") || cc.no_cache_field_names().is_some())
+        || vary_names(resp)
+            .any(|name| name.as_str() == "*" || SET_UPSTREAM.contains(&name.as_str()));
     // A 206 answers a range and a 304 a condition (the cache's own, revalidating): requests
-    // with either do not take part. A 1xx is not final.
+    // with either do not take part. A 1xx is not final, and a 5xx is one backend's failure
+    // that each request may be spared by another.
     let status = resp.status.as_u16();
-    !personal && status >= 200 && status != 206 && status != 304
+    !personal && (200..500).contains(&status) && status != 206 && status != 304
+}
+
+fn content_length(resp: &ResponseHeader) -> Option<usize> {
+    resp.headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The header names a response's `Vary` lists (`*`, or a name that is none, as `*`).
@@ -253,13 +323,13 @@ mod tests {
     async fn followers_get_the_leaders_complete_answer_and_the_flight_ends() {
         let c = collapser();
         let req = request(&[]);
-        let Role::Leader(mut leader) = c.join([1; 16], &req, 1024) else {
+        let Role::Leader(mut leader) = c.join([1; 16], &req, 1024, WAIT) else {
             panic!("first leads");
         };
-        let Role::Follower(rx) = c.join([1; 16], &req, 1024) else {
+        let Role::Follower(rx, deadline) = c.join([1; 16], &req, 1024, WAIT) else {
             panic!("second follows");
         };
-        let waiting = tokio::spawn(async move { follow(rx, &request(&[]), WAIT).await });
+        let waiting = tokio::spawn(async move { follow(rx, &request(&[]), deadline).await });
         leader.header(&response(&[("cache-control", "no-store")]));
         leader.body(Some(&Bytes::from_static(b"hot ")), false);
         leader.body(Some(&Bytes::from_static(b"stuff")), true);
@@ -267,16 +337,22 @@ mod tests {
         assert_eq!(&answer.body[..], b"hot stuff");
         assert_eq!(c.flights(), 0);
         // The next request leads a new flight.
-        assert!(matches!(c.join([1; 16], &req, 1024), Role::Leader(_)));
+        assert!(matches!(c.join([1; 16], &req, 1024, WAIT), Role::Leader(_)));
     }
 
     #[tokio::test]
     async fn what_cannot_be_shared_sends_followers_upstream() {
         type Case = (&'static [(&'static str, &'static str)], &'static [u8]);
-        let cases: [Case; 5] = [
+        let cases: [Case; 8] = [
             (&[("set-cookie", "s=1")], b"x"),
             (&[("cache-control", "private")], b"x"),
+            (
+                &[("cache-control", "no-store, private=\"x-account\"")],
+                b"x",
+            ),
+            (&[("cache-control", "no-cache=\"x-account\"")], b"x"),
             (&[("vary", "*")], b"x"),
+            (&[("vary", "X-Forwarded-For")], b"x"),
             // Over the limit of 8 bytes.
             (&[], b"123456789"),
             // A different variant.
@@ -285,17 +361,31 @@ mod tests {
         for (headers, body) in cases {
             let c = collapser();
             let leader_req = request(&[("accept-language", "en")]);
-            let Role::Leader(mut leader) = c.join([2; 16], &leader_req, 8) else {
+            let Role::Leader(mut leader) = c.join([2; 16], &leader_req, 8, WAIT) else {
                 panic!("leads");
             };
-            let Role::Follower(rx) = c.join([2; 16], &leader_req, 8) else {
+            let Role::Follower(rx, deadline) = c.join([2; 16], &leader_req, 8, WAIT) else {
                 panic!("follows");
             };
             let follower = request(&[("accept-language", "fr")]);
-            let waiting = tokio::spawn(async move { follow(rx, &follower, WAIT).await });
+            let waiting = tokio::spawn(async move { follow(rx, &follower, deadline).await });
             leader.header(&response(headers));
             leader.body(Some(&Bytes::copy_from_slice(body)), true);
             assert!(waiting.await.unwrap().is_none(), "{headers:?}");
+            assert_eq!(c.flights(), 0);
+        }
+        // A 5xx is one backend's failure: each request may be spared it by another.
+        for status in [500, 503] {
+            let c = collapser();
+            let req = request(&[]);
+            let Role::Leader(mut leader) = c.join([2; 16], &req, 8, WAIT) else {
+                panic!("leads");
+            };
+            let Role::Follower(rx, deadline) = c.join([2; 16], &req, 8, WAIT) else {
+                panic!("follows");
+            };
+            leader.header(&ResponseHeader::build(status, None).unwrap());
+            assert!(follow(rx, &req, deadline).await.is_none(), "{status}");
             assert_eq!(c.flights(), 0);
         }
     }
@@ -304,17 +394,60 @@ mod tests {
     async fn a_leader_that_fails_releases_its_followers() {
         let c = collapser();
         let req = request(&[]);
-        let Role::Leader(mut leader) = c.join([3; 16], &req, 1024) else {
+        let Role::Leader(mut leader) = c.join([3; 16], &req, 1024, WAIT) else {
             panic!("leads");
         };
-        let Role::Follower(rx) = c.join([3; 16], &req, 1024) else {
+        let Role::Follower(rx, deadline) = c.join([3; 16], &req, 1024, WAIT) else {
             panic!("follows");
         };
         leader.header(&response(&[]));
         leader.body(Some(&Bytes::from_static(b"half")), false);
         drop(leader); // the upstream died mid-body
-        assert!(follow(rx, &req, WAIT).await.is_none());
+        assert!(follow(rx, &req, deadline).await.is_none());
         assert_eq!(c.flights(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_empty_answer_is_shared_with_its_header() {
+        let c = collapser();
+        let req = request(&[]);
+        let Role::Leader(mut leader) = c.join([4; 16], &req, 1024, WAIT) else {
+            panic!("leads");
+        };
+        let Role::Follower(rx, deadline) = c.join([4; 16], &req, 1024, WAIT) else {
+            panic!("follows");
+        };
+        // No body task follows a `Content-Length: 0` header.
+        leader.header(&response(&[("content-length", "0")]));
+        let answer = follow(rx, &req, deadline).await.expect("shared");
+        assert!(answer.body.is_empty());
+        assert_eq!(c.flights(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_flight_ends_when_its_header_finds_nobody_waiting_or_its_time_is_up() {
+        let c = collapser();
+        let req = request(&[]);
+        let Role::Leader(mut alone) = c.join([5; 16], &req, 1024, WAIT) else {
+            panic!("leads");
+        };
+        alone.header(&response(&[]));
+        assert_eq!(c.flights(), 0, "nothing is copied for nobody");
+        // A flight past its time is not joined: the next request leads a new one, which
+        // the old leader's end leaves in place.
+        let Role::Leader(mut old) = c.join([6; 16], &req, 1024, Duration::ZERO) else {
+            panic!("leads");
+        };
+        let Role::Leader(_new) = c.join([6; 16], &req, 1024, WAIT) else {
+            panic!("a new flight");
+        };
+        old.header(&response(&[]));
+        drop(old);
+        assert_eq!(c.flights(), 1);
+        assert!(matches!(
+            c.join([6; 16], &req, 1024, WAIT),
+            Role::Follower(..)
+        ));
     }
 
     #[test]
@@ -325,6 +458,7 @@ mod tests {
             "authorization",
             "cookie",
             "range",
+            "upgrade",
             "if-none-match",
             "if-modified-since",
         ] {

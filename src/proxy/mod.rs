@@ -121,8 +121,10 @@ impl EdgeProxy {
     ) -> Option<Arc<collapse::Answer>> {
         let policy = ctx.route()?.cache.as_ref()?;
         let body_empty = session.is_body_empty();
+        // A request that already waited on the cache lock for this key waits no more.
+        let waited = session.cache.lock_duration().is_some();
         let req = session.req_header();
-        if !policy.coalesce_uncacheable || !Collapser::eligible(req, body_empty) {
+        if !policy.coalesce_uncacheable || waited || !Collapser::eligible(req, body_empty) {
             return None;
         }
         let (scheme, forwarded_host) = self.cache_scheme_and_host(ctx);
@@ -133,16 +135,16 @@ impl EdgeProxy {
             forwarded_host,
             req,
         ));
-        let limit = self.cache.settings.max_object;
-        match self.cache.collapser.join(key, req, limit) {
+        let (limit, wait) = (
+            self.cache.settings.max_object,
+            self.cache.settings.lock_timeout,
+        );
+        match self.cache.collapser.join(key, req, limit, wait) {
             Role::Leader(leader) => {
                 ctx.flight = Some(leader);
                 None
             }
-            Role::Follower(flight) => {
-                let wait = self.cache.settings.lock_timeout;
-                collapse::follow(flight, req, wait).await
-            }
+            Role::Follower(flight, deadline) => collapse::follow(flight, req, deadline).await,
         }
     }
 
@@ -542,6 +544,9 @@ impl ProxyHttp for EdgeProxy {
         };
         if let Some(answer) = self.collapse(session, ctx).await {
             // Another request fetched it while this one waited.
+            if self.draining.load(Ordering::Relaxed) {
+                session.set_keepalive(None);
+            }
             write_collapsed(session, ctx, &answer).await?;
             return Ok(false);
         }
