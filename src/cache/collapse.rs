@@ -319,16 +319,27 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(5);
 
+    /// A flight's leader, and a follower's wait for it.
+    fn pair(
+        c: &'static Collapser,
+        key: HashBinary,
+        req: &RequestHeader,
+        limit: usize,
+    ) -> (Box<Leader>, watch::Receiver<Outcome>, Instant) {
+        let Role::Leader(leader) = c.join(key, req, limit, WAIT) else {
+            panic!("the first leads");
+        };
+        let Role::Follower(rx, deadline) = c.join(key, req, limit, WAIT) else {
+            panic!("the second follows");
+        };
+        (leader, rx, deadline)
+    }
+
     #[tokio::test]
     async fn followers_get_the_leaders_complete_answer_and_the_flight_ends() {
         let c = collapser();
         let req = request(&[]);
-        let Role::Leader(mut leader) = c.join([1; 16], &req, 1024, WAIT) else {
-            panic!("first leads");
-        };
-        let Role::Follower(rx, deadline) = c.join([1; 16], &req, 1024, WAIT) else {
-            panic!("second follows");
-        };
+        let (mut leader, rx, deadline) = pair(c, [1; 16], &req, 1024);
         let waiting = tokio::spawn(async move { follow(rx, &request(&[]), deadline).await });
         leader.header(&response(&[("cache-control", "no-store")]));
         leader.body(Some(&Bytes::from_static(b"hot ")), false);
@@ -361,12 +372,7 @@ mod tests {
         for (headers, body) in cases {
             let c = collapser();
             let leader_req = request(&[("accept-language", "en")]);
-            let Role::Leader(mut leader) = c.join([2; 16], &leader_req, 8, WAIT) else {
-                panic!("leads");
-            };
-            let Role::Follower(rx, deadline) = c.join([2; 16], &leader_req, 8, WAIT) else {
-                panic!("follows");
-            };
+            let (mut leader, rx, deadline) = pair(c, [2; 16], &leader_req, 8);
             let follower = request(&[("accept-language", "fr")]);
             let waiting = tokio::spawn(async move { follow(rx, &follower, deadline).await });
             leader.header(&response(headers));
@@ -378,12 +384,7 @@ mod tests {
         for status in [500, 503] {
             let c = collapser();
             let req = request(&[]);
-            let Role::Leader(mut leader) = c.join([2; 16], &req, 8, WAIT) else {
-                panic!("leads");
-            };
-            let Role::Follower(rx, deadline) = c.join([2; 16], &req, 8, WAIT) else {
-                panic!("follows");
-            };
+            let (mut leader, rx, deadline) = pair(c, [2; 16], &req, 8);
             leader.header(&ResponseHeader::build(status, None).unwrap());
             assert!(follow(rx, &req, deadline).await.is_none(), "{status}");
             assert_eq!(c.flights(), 0);
@@ -394,12 +395,7 @@ mod tests {
     async fn a_leader_that_fails_releases_its_followers() {
         let c = collapser();
         let req = request(&[]);
-        let Role::Leader(mut leader) = c.join([3; 16], &req, 1024, WAIT) else {
-            panic!("leads");
-        };
-        let Role::Follower(rx, deadline) = c.join([3; 16], &req, 1024, WAIT) else {
-            panic!("follows");
-        };
+        let (mut leader, rx, deadline) = pair(c, [3; 16], &req, 1024);
         leader.header(&response(&[]));
         leader.body(Some(&Bytes::from_static(b"half")), false);
         drop(leader); // the upstream died mid-body
@@ -411,12 +407,7 @@ mod tests {
     async fn an_empty_answer_is_shared_with_its_header() {
         let c = collapser();
         let req = request(&[]);
-        let Role::Leader(mut leader) = c.join([4; 16], &req, 1024, WAIT) else {
-            panic!("leads");
-        };
-        let Role::Follower(rx, deadline) = c.join([4; 16], &req, 1024, WAIT) else {
-            panic!("follows");
-        };
+        let (mut leader, rx, deadline) = pair(c, [4; 16], &req, 1024);
         // No body task follows a `Content-Length: 0` header.
         leader.header(&response(&[("content-length", "0")]));
         let answer = follow(rx, &req, deadline).await.expect("shared");
