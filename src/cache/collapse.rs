@@ -15,7 +15,7 @@
 //!
 //! Requests whose answers may be personal, partial or not HTTP do not take part: those with
 //! `Authorization`, `Cookie`, `Range`, a condition (`If-None-Match`, `If-Modified-Since`,
-//! ...) or `Upgrade`, and any with a body.
+//! ...), `Upgrade` or `Expect`, and any with a body.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,11 +71,13 @@ impl Default for Collapser {
 impl Collapser {
     /// Whether `req` may take part (see the module's doc).
     pub fn eligible(req: &RequestHeader, body_empty: bool) -> bool {
-        const PERSONAL: [HeaderName; 9] = [
+        const PERSONAL: [HeaderName; 10] = [
             header::AUTHORIZATION,
             header::COOKIE,
             header::RANGE,
             header::UPGRADE,
+            // Checked (417 for an unknown expectation) only on the way upstream.
+            header::EXPECT,
             header::IF_NONE_MATCH,
             header::IF_MODIFIED_SINCE,
             header::IF_MATCH,
@@ -450,6 +452,7 @@ mod tests {
             "cookie",
             "range",
             "upgrade",
+            "expect",
             "if-none-match",
             "if-modified-since",
         ] {
