@@ -753,6 +753,22 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
     .await;
     let metrics = edge.metrics().await;
     assert_eq!(common::metric(&metrics, "kingdom_edge_cache_objects"), 0.0);
+    // The access log: a collapsed request went to no backend.
+    let collapsed = common::wait_for("the access log lines of the burst", || async {
+        let lines: Vec<serde_json::Value> = edge
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|l: &serde_json::Value| l["route"] == "hot" && l["backend"].is_null())
+            .collect();
+        (lines.len() == 19).then_some(lines)
+    })
+    .await;
+    for line in collapsed {
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["pool"], "origin");
+        assert_eq!(line["attempts"], 0);
+    }
 }
 
 #[tokio::test]
