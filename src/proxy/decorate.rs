@@ -29,9 +29,9 @@ pub struct Decoration<'a> {
 /// Puts the edge's headers on `response`.
 pub fn decorate(response: &mut ResponseHeader, d: &Decoration<'_>) {
     response.remove_header(&header::SERVER);
-    response.remove_header("x-powered-by");
+    response.remove_header(&super::names::X_POWERED_BY);
     // Infallible: valid names and values.
-    let _ = response.insert_header("x-request-id", d.request_id);
+    let _ = response.insert_header(super::names::X_REQUEST_ID, d.request_id);
     for (name, value) in d.admission {
         let _ = response.insert_header(name.clone(), value.clone());
     }

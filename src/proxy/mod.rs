@@ -656,18 +656,18 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(f) = &ctx.forwarded {
-            upstream.insert_header("x-forwarded-for", &f.for_chain)?;
-            upstream.insert_header("x-forwarded-proto", &f.proto)?;
+            upstream.insert_header(names::X_FORWARDED_FOR, &f.for_chain)?;
+            upstream.insert_header(names::X_FORWARDED_PROTO, &f.proto)?;
             match &f.host {
-                Some(host) => upstream.insert_header("x-forwarded-host", host)?,
+                Some(host) => upstream.insert_header(names::X_FORWARDED_HOST, host)?,
                 None => {
-                    upstream.remove_header("x-forwarded-host");
+                    upstream.remove_header(&names::X_FORWARDED_HOST);
                 }
             }
         }
-        upstream.insert_header("x-request-id", &ctx.request_id)?;
+        upstream.insert_header(names::X_REQUEST_ID, &ctx.request_id)?;
         if let Some(user) = &ctx.user {
-            upstream.insert_header("x-user-id", user)?;
+            upstream.insert_header(names::X_USER_ID, user)?;
         }
         if ctx.route().is_some_and(|r| r.cache.is_some()) {
             // The origin may aim `Surrogate-Control` at this cache by this name.
@@ -947,7 +947,7 @@ impl ProxyHttp for EdgeProxy {
         if let Some(route) = ctx.route().filter(|r| r.cache.is_some()) {
             let status = cache_status(session, ctx.cache_stored);
             route.metrics.count_cache_lookup(status.result);
-            response.insert_header("cache-status", status.value)?;
+            response.insert_header(names::CACHE_STATUS, status.value)?;
             // Meant for the edge, which has read it (on a hit, when the answer was stored).
             response.remove_header(cache_policy::SURROGATE_CONTROL);
         }
@@ -1197,6 +1197,21 @@ fn strip_user_id(req: &mut RequestHeader) {
 /// nginx's status for a request whose client closed the connection before the answer.
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
+/// Header names set or removed on every request or response: as `HeaderName`s, a lookup
+/// neither parses nor allocates the name.
+pub(crate) mod names {
+    use http::HeaderName;
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    pub const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+    pub const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
+    pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+    pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+}
+
 /// Aborts a response that has started but cannot be completed: HTTP/1 closes the
 /// connection without finishing the body, HTTP/2 resets the stream.
 fn abort_response(session: &mut Session) {
@@ -1392,7 +1407,7 @@ fn error_header(
     header.insert_header(header::CONTENT_TYPE, "application/json")?;
     header.insert_header(header::CONTENT_LENGTH, length.to_string())?;
     header.insert_header(header::CACHE_CONTROL, "no-store")?;
-    header.insert_header("x-request-id", request_id)?;
+    header.insert_header(names::X_REQUEST_ID, request_id)?;
     for (name, value) in extra {
         header.append_header(name.clone(), value.clone())?;
     }
@@ -1414,7 +1429,7 @@ async fn write_collapsed(
     header.insert_header(header::CONTENT_LENGTH, answer.body.len().to_string())?;
     header.remove_header(cache_policy::SURROGATE_CONTROL);
     decorate(&mut header, &ctx.decoration(session.req_header()));
-    header.insert_header("cache-status", "kingdom-edge; fwd=miss; collapsed")?;
+    header.insert_header(names::CACHE_STATUS, "kingdom-edge; fwd=miss; collapsed")?;
     if let Some(route) = ctx.route() {
         route
             .metrics
@@ -1681,8 +1696,13 @@ fn strip_hop_by_hop(response: &mut ResponseHeader) {
     for name in &named {
         response.remove_header(name.as_str());
     }
-    for name in ["keep-alive", "proxy-connection", "te", "trailer"] {
-        response.remove_header(name);
+    for name in [
+        names::KEEP_ALIVE,
+        names::PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+    ] {
+        response.remove_header(&name);
     }
     if !upgrading {
         response.remove_header(&header::UPGRADE);
