@@ -719,8 +719,20 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
     let in_flight = common::metric(&edge.metrics().await, "kingdom_edge_in_flight");
     let mut hot = burst("/hot", 20, false);
     hot.extend(burst("/hot", 1, true));
-    edge.wait_metric("kingdom_edge_in_flight", in_flight + 21.0)
+    // And one whose client leaves while it waits: it is let go, not sent upstream.
+    let mut leaving = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
+    let request = format!("GET /hot HTTP/1.1\r\nHost: {}\r\n\r\n", edge.proxy);
+    tokio::io::AsyncWriteExt::write_all(&mut leaving, request.as_bytes())
+        .await
+        .unwrap();
+    edge.wait_metric("kingdom_edge_in_flight", in_flight + 22.0)
         .await;
+    drop(leaving);
+    common::wait_for("the leaving client's request to end", || async {
+        let now = common::metric(&edge.metrics().await, "kingdom_edge_in_flight");
+        (now == in_flight + 21.0).then_some(())
+    })
+    .await;
     common::wait_for("the leader and the cookie at the origin", || async {
         (asked.load(Ordering::SeqCst) - before == 2).then_some(())
     })
@@ -759,7 +771,9 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
             .stdout()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
-            .filter(|l: &serde_json::Value| l["route"] == "hot" && l["backend"].is_null())
+            .filter(|l: &serde_json::Value| {
+                l["route"] == "hot" && l["backend"].is_null() && l["status"] == 200
+            })
             .collect();
         (lines.len() == 19).then_some(lines)
     })
@@ -769,6 +783,13 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
         assert_eq!(line["pool"], "origin");
         assert_eq!(line["attempts"], 0);
     }
+    let left = edge
+        .stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["route"] == "hot" && l["status"] == 499)
+        .count();
+    assert_eq!(left, 1, "the client that left is logged 499");
 }
 
 #[tokio::test]

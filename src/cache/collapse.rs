@@ -130,24 +130,23 @@ impl Collapser {
 }
 
 /// Waits until `deadline` for the leader's answer; `None` when the follower must fetch for
-/// itself (nothing to share, a leader gone, the wait over, or a variant not its own).
+/// itself (nothing to share, a leader gone, or the wait over). Whether the answer is the
+/// variant the follower asks for is [`Answer::serves`].
 pub async fn follow(
     mut receiver: watch::Receiver<Outcome>,
-    req: &RequestHeader,
     deadline: Instant,
 ) -> Option<Arc<Answer>> {
     let deadline = tokio::time::Instant::from_std(deadline);
     let waited = tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await;
-    let answer = match waited {
-        Ok(Ok(outcome)) => outcome.clone().flatten()?,
-        _ => return None,
-    };
-    answer.serves(req).then_some(answer)
+    match waited {
+        Ok(Ok(outcome)) => outcome.clone().flatten(),
+        _ => None,
+    }
 }
 
 impl Answer {
     /// Whether this answer is the variant `req` asks for.
-    fn serves(&self, req: &RequestHeader) -> bool {
+    pub fn serves(&self, req: &RequestHeader) -> bool {
         self.varied
             .iter()
             .all(|(name, values)| values_of(req, name) == *values)
@@ -342,7 +341,11 @@ mod tests {
         let c = collapser();
         let req = request(&[]);
         let (mut leader, rx, deadline) = pair(c, [1; 16], &req, 1024);
-        let waiting = tokio::spawn(async move { follow(rx, &request(&[]), deadline).await });
+        let waiting = tokio::spawn(async move {
+            follow(rx, deadline)
+                .await
+                .filter(|a| a.serves(&request(&[])))
+        });
         leader.header(&response(&[("cache-control", "no-store")]));
         leader.body(Some(&Bytes::from_static(b"hot ")), false);
         leader.body(Some(&Bytes::from_static(b"stuff")), true);
@@ -376,7 +379,10 @@ mod tests {
             let leader_req = request(&[("accept-language", "en")]);
             let (mut leader, rx, deadline) = pair(c, [2; 16], &leader_req, 8);
             let follower = request(&[("accept-language", "fr")]);
-            let waiting = tokio::spawn(async move { follow(rx, &follower, deadline).await });
+            let waiting =
+                tokio::spawn(
+                    async move { follow(rx, deadline).await.filter(|a| a.serves(&follower)) },
+                );
             leader.header(&response(headers));
             leader.body(Some(&Bytes::copy_from_slice(body)), true);
             assert!(waiting.await.unwrap().is_none(), "{headers:?}");
@@ -388,7 +394,13 @@ mod tests {
             let req = request(&[]);
             let (mut leader, rx, deadline) = pair(c, [2; 16], &req, 8);
             leader.header(&ResponseHeader::build(status, None).unwrap());
-            assert!(follow(rx, &req, deadline).await.is_none(), "{status}");
+            assert!(
+                follow(rx, deadline)
+                    .await
+                    .filter(|a| a.serves(&req))
+                    .is_none(),
+                "{status}"
+            );
             assert_eq!(c.flights(), 0);
         }
     }
@@ -401,7 +413,10 @@ mod tests {
         leader.header(&response(&[]));
         leader.body(Some(&Bytes::from_static(b"half")), false);
         drop(leader); // the upstream died mid-body
-        assert!(follow(rx, &req, deadline).await.is_none());
+        assert!(follow(rx, deadline)
+            .await
+            .filter(|a| a.serves(&req))
+            .is_none());
         assert_eq!(c.flights(), 0);
     }
 
@@ -412,7 +427,10 @@ mod tests {
         let (mut leader, rx, deadline) = pair(c, [4; 16], &req, 1024);
         // No body task follows a `Content-Length: 0` header.
         leader.header(&response(&[("content-length", "0")]));
-        let answer = follow(rx, &req, deadline).await.expect("shared");
+        let answer = follow(rx, deadline)
+            .await
+            .filter(|a| a.serves(&req))
+            .expect("shared");
         assert!(answer.body.is_empty());
         assert_eq!(c.flights(), 0);
     }

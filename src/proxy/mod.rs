@@ -112,20 +112,18 @@ impl EdgeProxy {
     }
 
     /// On a route with `coalesce_uncacheable`: the answer of an identical request in flight,
-    /// once it is complete; else (no flight, or nothing to share) `None`, and the request
-    /// goes upstream, leading a flight when there was none.
-    async fn collapse(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Option<Arc<collapse::Answer>> {
-        let policy = ctx.route()?.cache.as_ref()?;
+    /// once it is complete; else (no flight, or nothing to share) the request goes upstream,
+    /// leading a flight when there was none.
+    async fn collapse(&self, session: &mut Session, ctx: &mut RequestCtx) -> Collapsed {
+        let Some(policy) = ctx.route().and_then(|r| r.cache.as_ref()) else {
+            return Collapsed::Fetch;
+        };
         let body_empty = session.is_body_empty();
         // A request that already waited on the cache lock for this key waits no more.
         let waited = session.cache.lock_duration().is_some();
         let req = session.req_header();
         if !policy.coalesce_uncacheable || waited || !Collapser::eligible(req, body_empty) {
-            return None;
+            return Collapsed::Fetch;
         }
         let (scheme, forwarded_host) = self.cache_scheme_and_host(ctx);
         let host = request_host(req).unwrap_or("");
@@ -139,12 +137,21 @@ impl EdgeProxy {
             self.cache.settings.max_object,
             self.cache.settings.lock_timeout,
         );
-        match self.cache.collapser.join(key, req, limit, wait) {
+        let (flight, deadline) = match self.cache.collapser.join(key, req, limit, wait) {
             Role::Leader(leader) => {
                 ctx.flight = Some(leader);
-                None
+                return Collapsed::Fetch;
             }
-            Role::Follower(flight, deadline) => collapse::follow(flight, req, deadline).await,
+            Role::Follower(flight, deadline) => (flight, deadline),
+        };
+        // The request has no body: watching the connection tells when the client leaves.
+        let answer = tokio::select! {
+            answer = collapse::follow(flight, deadline) => answer,
+            _ = session.as_downstream_mut().read_body_or_idle(true) => return Collapsed::ClientGone,
+        };
+        match answer {
+            Some(answer) if answer.serves(session.req_header()) => Collapsed::Answer(answer),
+            _ => Collapsed::Fetch,
         }
     }
 
@@ -542,13 +549,26 @@ impl ProxyHttp for EdgeProxy {
         let Some(pool) = ctx.route.map(|id| snapshot.pool(snapshot.route(id).pool)) else {
             return reject(ctx, Rejection::Internal);
         };
-        if let Some(answer) = self.collapse(session, ctx).await {
-            // Another request fetched it while this one waited.
-            if self.draining.load(Ordering::Relaxed) {
-                session.set_keepalive(None);
+        match self.collapse(session, ctx).await {
+            Collapsed::Fetch => {}
+            Collapsed::Answer(answer) => {
+                // Another request fetched it while this one waited.
+                if self.draining.load(Ordering::Relaxed) {
+                    session.set_keepalive(None);
+                }
+                write_collapsed(session, ctx, &answer).await?;
+                return Ok(false);
             }
-            write_collapsed(session, ctx, &answer).await?;
-            return Ok(false);
+            Collapsed::ClientGone => {
+                // Nothing to forward, no one to answer (logged 499 by `fail_to_proxy`).
+                let why = "the client left while waiting for another request's fetch";
+                return Err(Error::create(
+                    ErrorType::ConnectionClosed,
+                    ErrorSource::Downstream,
+                    Some(why.into()),
+                    None,
+                ));
+            }
         }
         // `timeouts.total` counts from here: a slow-down's wait, or one for another request's
         // fetch of the same cached URL, is not the upstream's.
@@ -1219,6 +1239,17 @@ fn abort_response(session: &mut Session) {
     if let ServerSession::H2(h2) = session.as_downstream_mut() {
         h2.shutdown_with_reason(h2::Reason::INTERNAL_ERROR);
     }
+}
+
+/// What a request on a `coalesce_uncacheable` route does instead of, or before, going
+/// upstream.
+enum Collapsed {
+    /// Go upstream (leading a flight, or after one that could not be shared).
+    Fetch,
+    /// Answer with a copy of what an identical request fetched.
+    Answer(Arc<collapse::Answer>),
+    /// Nothing: the client left while waiting.
+    ClientGone,
 }
 
 /// How an upstream attempt failed.
