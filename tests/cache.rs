@@ -677,9 +677,11 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
     let (origin, _) = serve(app).await;
     let p = free_ports(2);
     let yaml = format!(
-        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: hot, match: {{ path_prefix: /hot }}, pool: origin, cache: {{ coalesce_uncacheable: true }} }}\n  - {{ name: plain, match: {{ path_prefix: /plain }}, pool: origin, cache: {{}} }}\n",
+        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\ncache: {{ lock_timeout: 60s }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: hot, match: {{ path_prefix: /hot }}, pool: origin, cache: {{ coalesce_uncacheable: true }} }}\n  - {{ name: plain, match: {{ path_prefix: /plain }}, pool: origin, cache: {{}} }}\n",
         p[0], p[1]
     );
+    // (A flight lasts `lock_timeout`: long enough here for a busy machine to line up the
+    // burst behind its gated leader.)
     let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
     let http = client();
     // Once each: the cache learns that neither answer is stored (hit-for-pass).
@@ -716,23 +718,29 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
     // With it, 20 identical requests wait for one fetch; one with a cookie (its answer may
     // be personal) fetches for itself.
     let before = asked.load(Ordering::SeqCst);
-    let in_flight = common::metric(&edge.metrics().await, "kingdom_edge_in_flight");
+    // (The plain burst's requests end just after their answers are sent.)
+    let in_flight = |n: f64| {
+        let edge = &edge;
+        async move {
+            let now = common::metric(&edge.metrics().await, "kingdom_edge_in_flight");
+            (now == n).then_some(())
+        }
+    };
+    common::wait_for("no request in flight", || in_flight(0.0)).await;
     let mut hot = burst("/hot", 20, false);
     hot.extend(burst("/hot", 1, true));
+    // (Those first: a leader whose client leaves ends its flight, and its followers
+    // fetch for themselves.)
+    common::wait_for("21 requests in flight", || in_flight(21.0)).await;
     // And one whose client leaves while it waits: it is let go, not sent upstream.
     let mut leaving = tokio::net::TcpStream::connect(edge.proxy).await.unwrap();
     let request = format!("GET /hot HTTP/1.1\r\nHost: {}\r\n\r\n", edge.proxy);
     tokio::io::AsyncWriteExt::write_all(&mut leaving, request.as_bytes())
         .await
         .unwrap();
-    edge.wait_metric("kingdom_edge_in_flight", in_flight + 22.0)
-        .await;
+    common::wait_for("22 requests in flight", || in_flight(22.0)).await;
     drop(leaving);
-    common::wait_for("the leaving client's request to end", || async {
-        let now = common::metric(&edge.metrics().await, "kingdom_edge_in_flight");
-        (now == in_flight + 21.0).then_some(())
-    })
-    .await;
+    common::wait_for("the leaving client's request to end", || in_flight(21.0)).await;
     common::wait_for("the leader and the cookie at the origin", || async {
         (asked.load(Ordering::SeqCst) - before == 2).then_some(())
     })

@@ -127,12 +127,17 @@ impl EdgeProxy {
         }
         let (scheme, forwarded_host) = self.cache_scheme_and_host(ctx);
         let host = request_host(req).unwrap_or("");
-        let key = pingora::cache::key::CacheHashKey::primary_bin(&policy.key(
+        let mut key = pingora::cache::key::CacheHashKey::primary_bin(&policy.key(
             scheme,
             host,
             forwarded_host,
             req,
         ));
+        // A flight belongs to one config: after a reload that moves the URL to another
+        // pool, no request is answered by the old pool's fetch.
+        for (k, v) in key.iter_mut().zip(ctx.snapshot.version.to_le_bytes()) {
+            *k ^= v;
+        }
         let (limit, wait) = (
             self.cache.settings.max_object,
             self.cache.settings.lock_timeout,
