@@ -412,13 +412,13 @@ impl Surrogate {
 }
 
 /// The origin's instructions to the edge; removed before an answer leaves it.
-pub const SURROGATE_CONTROL: &str = "surrogate-control";
+pub const SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
 
 /// The name this cache goes by in `Surrogate-Control` targets.
 const SURROGATE_NAME: &str = "kingdom-edge";
 
 /// What a cached route's requests tell the origin the edge understands.
-pub const SURROGATE_CAPABILITY: &str = "surrogate-capability";
+pub const SURROGATE_CAPABILITY: HeaderName = HeaderName::from_static("surrogate-capability");
 pub const SURROGATE_CAPABILITY_VALUE: &str = "kingdom-edge=\"Surrogate/1.0\"";
 
 /// A header holding an HTTP date.

@@ -125,14 +125,11 @@ impl EdgeProxy {
         if !policy.coalesce_uncacheable || waited || !Collapser::eligible(req, body_empty) {
             return Collapsed::Fetch;
         }
-        let (scheme, forwarded_host) = self.cache_scheme_and_host(ctx);
-        let host = request_host(req).unwrap_or("");
-        let mut key = pingora::cache::key::CacheHashKey::primary_bin(&policy.key(
-            scheme,
-            host,
-            forwarded_host,
-            req,
-        ));
+        // The cache key, as `cache_key_callback` made it (the cache is on for every request
+        // that may take part).
+        let Some(mut key) = ctx.cache_key else {
+            return Collapsed::Fetch;
+        };
         // A flight belongs to one config: after a reload that moves the URL to another
         // pool, no request is answered by the old pool's fetch.
         for (k, v) in key.iter_mut().zip(ctx.snapshot.version.to_le_bytes()) {
@@ -207,6 +204,8 @@ pub struct RequestCtx {
     user: Option<String>,
     /// Whether the response was found storable (set on a cache miss).
     cache_stored: bool,
+    /// The primary cache key of a request the cache looked up.
+    cache_key: Option<pingora::cache::key::HashBinary>,
     /// Leading identical requests that wait for this one's answer (`coalesce_uncacheable`).
     flight: Option<Box<collapse::Leader>>,
     /// Headers admission adds to the response (the RateLimit fields).
@@ -223,8 +222,6 @@ pub struct RequestCtx {
     choice: Option<Choice>,
     /// Whether the current attempt's outcome has been recorded.
     recorded: bool,
-    /// A 5xx answer that `upstream_response_filter` turned into a retry.
-    status_decided: bool,
     /// What the current attempt's failure leads to, once decided (`after_failure`).
     decision: Option<Next>,
     /// Held while an attempt is in flight to its backend.
@@ -409,6 +406,7 @@ impl ProxyHttp for EdgeProxy {
             pool_request: None,
             user: None,
             cache_stored: false,
+            cache_key: None,
             flight: None,
             admission_headers: Vec::new(),
             tls: self.tls,
@@ -417,7 +415,6 @@ impl ProxyHttp for EdgeProxy {
             tried: Vec::new(),
             choice: None,
             recorded: false,
-            status_decided: false,
             decision: None,
             backend_in_flight: None,
             cut: None,
@@ -759,7 +756,6 @@ impl ProxyHttp for EdgeProxy {
             Next::Retry => {
                 // An error tells Pingora's attempt loop to try again (and
                 // `error_while_proxy` leaves it as it is).
-                ctx.status_decided = true;
                 let mut e =
                     Error::explain(ErrorType::HTTPStatus(status), "retrying an upstream 5xx");
                 e.set_retry(true);
@@ -777,7 +773,9 @@ impl ProxyHttp for EdgeProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if std::mem::take(&mut ctx.status_decided) {
+        let retrying_status = matches!(e.etype(), ErrorType::HTTPStatus(_));
+        if retrying_status && ctx.decision == Some(Next::Retry) {
+            // A 5xx answer `upstream_response_filter` turned into a retry.
             return e;
         }
         if errors::client_gone(&e) {
@@ -874,7 +872,9 @@ impl ProxyHttp for EdgeProxy {
         let req = session.req_header();
         let (scheme, forwarded_host) = self.cache_scheme_and_host(ctx);
         let host = request_host(req).unwrap_or("");
-        Ok(policy.key(scheme, host, forwarded_host, req))
+        let key = policy.key(scheme, host, forwarded_host, req);
+        ctx.cache_key = Some(pingora::cache::key::CacheHashKey::primary_bin(&key));
+        Ok(key)
     }
 
     fn response_cache_filter(
@@ -923,23 +923,23 @@ impl ProxyHttp for EdgeProxy {
             )
         );
         let upstream = error.esource() == &ErrorSource::Upstream;
-        let serve = match (ctx.decision, error.etype()) {
-            (_, _) if no_attempt => true,
-            // As decided in `after_failure`; a retry still planned never came about.
-            (Some(next), _) => next != Next::PassOn,
-            // A 5xx answer reaches here before `upstream_response_filter`: decided now, and
-            // recorded against its backend, which the stale answer would skip.
-            (None, ErrorType::HTTPStatus(status)) if upstream && ctx.rejection.is_none() => {
-                let next = after_failure(session, ctx, Failure::Status(*status));
-                if next == Next::ServeStale {
-                    ctx.record(outcome(None, *status));
+        let serve = no_attempt
+            || match (ctx.decision, error.etype()) {
+                // As decided in `after_failure`; a retry still planned never came about.
+                (Some(next), _) => next != Next::PassOn,
+                // A 5xx answer reaches here before `upstream_response_filter`: decided now, and
+                // recorded against its backend, which the stale answer would skip.
+                (None, ErrorType::HTTPStatus(status)) if upstream && ctx.rejection.is_none() => {
+                    let next = after_failure(session, ctx, Failure::Status(*status));
+                    if next == Next::ServeStale {
+                        ctx.record(outcome(None, *status));
+                    }
+                    next == Next::ServeStale
                 }
-                next == Next::ServeStale
-            }
-            // An exchange ended where no retry was possible (the deadline, a pooled
-            // connection that could not be resent).
-            (None, _) => upstream && ctx.rejection.is_none(),
-        };
+                // An exchange ended where no retry was possible (the deadline, a pooled
+                // connection that could not be resent).
+                (None, _) => upstream && ctx.rejection.is_none(),
+            };
         if serve {
             // Answered from the cache after all: not a refusal.
             ctx.rejection = None;
@@ -970,11 +970,7 @@ impl ProxyHttp for EdgeProxy {
         strip_hop_by_hop(response);
         decorate(response, &ctx.decoration(session.req_header()));
         if let Some(route) = ctx.route().filter(|r| r.cache.is_some()) {
-            let status = cache_status(session, ctx.cache_stored);
-            route.metrics.count_cache_lookup(status.result);
-            response.insert_header(names::CACHE_STATUS, status.value)?;
-            // Meant for the edge, which has read it (on a hit, when the answer was stored).
-            response.remove_header(cache_policy::SURROGATE_CONTROL);
+            mark_cached(response, route, cache_status(session, ctx.cache_stored))?;
         }
         let req = session.req_header();
         let changed = !req.method.is_safe() && (200..400).contains(&response.status.as_u16());
@@ -1364,46 +1360,68 @@ struct CacheStatus {
     result: crate::metrics::CacheResult,
 }
 
+/// Puts the cache's part in an answer of a cached route: its `cache-status`, counted, and
+/// no `Surrogate-Control` (meant for the edge, which has read it when it stored the answer).
+fn mark_cached(response: &mut ResponseHeader, route: &Route, status: CacheStatus) -> Result<()> {
+    route.metrics.count_cache_lookup(status.result);
+    response.insert_header(names::CACHE_STATUS, status.value)?;
+    response.remove_header(&cache_policy::SURROGATE_CONTROL);
+    Ok(())
+}
+
 /// The cache's part in the answer to `session`'s request on a cached route; `stored` says
 /// whether a fetched response was found storable.
 fn cache_status(session: &Session, stored: bool) -> CacheStatus {
     use crate::metrics::CacheResult;
     use pingora::cache::CachePhase;
+    use std::fmt::Write;
     let cache = &session.cache;
     let collapsed = match cache.lock_duration() {
         Some(_) => "; collapsed",
         None => "",
     };
     let stored = if stored { "; stored" } else { "" };
-    let (value, result) = match cache.phase() {
+    let mut value = String::with_capacity(48);
+    value.push_str("kingdom-edge; ");
+    // (Writing to a String cannot fail.)
+    let result = match cache.phase() {
         CachePhase::Hit => {
             let ttl = cache
                 .cache_meta()
                 .fresh_until()
                 .duration_since(SystemTime::now())
                 .map_or(0, |left| left.as_secs());
-            (format!("hit; ttl={ttl}{collapsed}"), CacheResult::Hit)
+            let _ = write!(value, "hit; ttl={ttl}{collapsed}");
+            CacheResult::Hit
         }
-        CachePhase::Miss => (format!("fwd=miss{stored}{collapsed}"), CacheResult::Miss),
-        CachePhase::Expired => (format!("fwd=stale{stored}{collapsed}"), CacheResult::Stale),
-        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => (
-            format!("fwd=stale; fwd-status=304{stored}"),
-            CacheResult::Revalidated,
-        ),
+        CachePhase::Miss => {
+            let _ = write!(value, "fwd=miss{stored}{collapsed}");
+            CacheResult::Miss
+        }
+        CachePhase::Expired => {
+            let _ = write!(value, "fwd=stale{stored}{collapsed}");
+            CacheResult::Stale
+        }
+        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => {
+            let _ = write!(value, "fwd=stale; fwd-status=304{stored}");
+            CacheResult::Revalidated
+        }
         CachePhase::Stale | CachePhase::StaleUpdating => {
-            ("hit; fwd=stale".to_string(), CacheResult::Stale)
+            value.push_str("hit; fwd=stale");
+            CacheResult::Stale
         }
         // Not a GET or HEAD: never looked up.
         _ if !CachePolicy::applies_to(session.req_header()) => {
-            ("fwd=method".to_string(), CacheResult::Bypass)
+            value.push_str("fwd=method");
+            CacheResult::Bypass
         }
         // Looked up and fetched, then found not storable (the cache let go of it).
-        _ => (format!("fwd=miss{collapsed}"), CacheResult::Miss),
+        _ => {
+            let _ = write!(value, "fwd=miss{collapsed}");
+            CacheResult::Miss
+        }
     };
-    CacheStatus {
-        value: format!("kingdom-edge; {value}"),
-        result,
-    }
+    CacheStatus { value, result }
 }
 
 fn unix_now() -> u64 {
@@ -1463,13 +1481,13 @@ async fn write_collapsed(
     strip_hop_by_hop(&mut header);
     header.remove_header(&header::TRANSFER_ENCODING);
     header.insert_header(header::CONTENT_LENGTH, answer.body.len().to_string())?;
-    header.remove_header(cache_policy::SURROGATE_CONTROL);
     decorate(&mut header, &ctx.decoration(session.req_header()));
-    header.insert_header(names::CACHE_STATUS, "kingdom-edge; fwd=miss; collapsed")?;
     if let Some(route) = ctx.route() {
-        route
-            .metrics
-            .count_cache_lookup(crate::metrics::CacheResult::Collapsed);
+        let status = CacheStatus {
+            value: "kingdom-edge; fwd=miss; collapsed".to_string(),
+            result: crate::metrics::CacheResult::Collapsed,
+        };
+        mark_cached(&mut header, route, status)?;
     }
     session
         .write_response_header(Box::new(header), false)
