@@ -18,7 +18,7 @@
 //! ...), `Upgrade` or `Expect`, and any with a body.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -31,9 +31,16 @@ use tokio::sync::watch;
 /// Shards of the in-flight map.
 const SHARDS: usize = 16;
 
-/// A leader's answer as its followers get it: `None` while it is in flight; then a copy,
-/// or `Some(None)` when it cannot be shared (each follower fetches for itself).
-type Outcome = Option<Option<Arc<Answer>>>;
+/// A leader's answer as its followers get it.
+#[derive(Clone)]
+pub enum Outcome {
+    /// Still in flight.
+    Pending,
+    /// Nothing to share: each follower fetches for itself.
+    Fetch,
+    /// A copy for each follower.
+    Shared(Arc<Answer>),
+}
 
 /// A flight as others find it: when it ends, and where its answer comes.
 type Flight = (Instant, watch::Receiver<Outcome>);
@@ -91,37 +98,32 @@ impl Collapser {
 
     /// Joins the flight for `key`, leading it when there is none younger than `timeout`.
     /// A leader keeps at most `limit` bytes of body.
-    pub fn join(
-        &'static self,
-        key: HashBinary,
-        req: &RequestHeader,
-        limit: usize,
-        timeout: Duration,
-    ) -> Role {
+    pub fn join(&'static self, key: HashBinary, limit: usize, timeout: Duration) -> Role {
         let now = Instant::now();
-        let mut shard = self.shard(&key).lock().unwrap();
+        let mut shard = lock(self.shard(&key));
         if let Some((deadline, receiver)) = shard.get(&key) {
             if now < *deadline {
                 return Role::Follower(receiver.clone(), *deadline);
             }
         }
-        let (sender, receiver) = watch::channel(None);
+        let (sender, receiver) = watch::channel(Outcome::Pending);
         shard.insert(key, (now + timeout, receiver));
         Role::Leader(Box::new(Leader {
             collapser: self,
             key,
             sender: Some(sender),
             deadline: now + timeout,
-            request: req.clone(),
             header: None,
+            varied: Vec::new(),
             body: BytesMut::new(),
             limit,
         }))
     }
 
     /// Requests leading a flight now.
-    pub fn flights(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap().len()).sum()
+    #[cfg(test)]
+    fn flights(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 
     fn shard(&self, key: &HashBinary) -> &Mutex<HashMap<HashBinary, Flight>> {
@@ -137,9 +139,12 @@ pub async fn follow(
     deadline: Instant,
 ) -> Option<Arc<Answer>> {
     let deadline = tokio::time::Instant::from_std(deadline);
-    let waited = tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await;
-    match waited {
-        Ok(Ok(outcome)) => outcome.clone().flatten(),
+    let done = |outcome: &Outcome| !matches!(outcome, Outcome::Pending);
+    match tokio::time::timeout_at(deadline, receiver.wait_for(done)).await {
+        Ok(Ok(outcome)) => match &*outcome {
+            Outcome::Shared(answer) => Some(answer.clone()),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -163,16 +168,18 @@ pub struct Leader {
     sender: Option<watch::Sender<Outcome>>,
     /// When the flight ends, answered or not.
     deadline: Instant,
-    request: RequestHeader,
     header: Option<ResponseHeader>,
+    /// The leader's values of the headers the answer's `Vary` names.
+    varied: Vec<(HeaderName, Vec<HeaderValue>)>,
     body: BytesMut,
     limit: usize,
 }
 
 impl Leader {
-    /// The upstream's answer header (a later attempt's replaces an earlier one's). One
-    /// that cannot be shared, or that nobody waits for, ends the flight at once.
-    pub fn header(&mut self, resp: &ResponseHeader) {
+    /// The upstream's answer header to the leader's request `req` (a later attempt's
+    /// replaces an earlier one's). One that cannot be shared, or that nobody waits for, ends
+    /// the flight at once.
+    pub fn header(&mut self, resp: &ResponseHeader, req: &RequestHeader) {
         self.body = BytesMut::new();
         let length = content_length(resp);
         // Besides the map's own receiver.
@@ -180,9 +187,15 @@ impl Leader {
         let fits = length.is_none_or(|n| n <= self.limit);
         if !(waited_for && fits && shareable(resp)) {
             self.header = None;
-            self.finish(None);
+            self.finish(Outcome::Fetch);
             return;
         }
+        self.varied = vary_names(resp)
+            .map(|name| {
+                let values = values_of(req, &name);
+                (name, values)
+            })
+            .collect();
         self.header = Some(resp.clone());
         if length == Some(0) || resp.status.as_u16() == 204 {
             // No body follows.
@@ -202,35 +215,29 @@ impl Leader {
             // Too large to copy, or too late for the followers, who fetch for themselves.
             self.header = None;
             self.body = BytesMut::new();
-            self.finish(None);
+            self.finish(Outcome::Fetch);
             return;
         }
         self.body.extend_from_slice(chunk);
         if end_of_stream {
             let header = self.header.take().expect("checked above");
-            let varied = vary_names(&header)
-                .map(|name| {
-                    let values = values_of(&self.request, &name);
-                    (name, values)
-                })
-                .collect();
             let answer = Answer {
                 header,
                 body: std::mem::take(&mut self.body).freeze(),
-                varied,
+                varied: std::mem::take(&mut self.varied),
             };
-            self.finish(Some(Arc::new(answer)));
+            self.finish(Outcome::Shared(Arc::new(answer)));
         }
     }
 
     /// Tells the followers, and leaves the map: later requests start a new flight.
-    fn finish(&mut self, answer: Option<Arc<Answer>>) {
+    fn finish(&mut self, outcome: Outcome) {
         // Once told, the followers hold the answer; the leader keeps nothing of it.
         let Some(sender) = self.sender.take() else {
             return;
         };
-        sender.send_replace(Some(answer));
-        let mut shard = self.collapser.shard(&self.key).lock().unwrap();
+        sender.send_replace(outcome);
+        let mut shard = lock(self.collapser.shard(&self.key));
         // A flight that outlived its deadline may have been replaced by a newer one.
         let ours = shard
             .get(&self.key)
@@ -243,7 +250,7 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        self.finish(None);
+        self.finish(Outcome::Fetch);
     }
 }
 
@@ -272,6 +279,10 @@ fn shareable(resp: &ResponseHeader) -> bool {
     // that each request may be spared by another.
     let status = resp.status.as_u16();
     !personal && (200..500).contains(&status) && status != 206 && status != 304
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn content_length(resp: &ResponseHeader) -> Option<usize> {
@@ -324,13 +335,12 @@ mod tests {
     fn pair(
         c: &'static Collapser,
         key: HashBinary,
-        req: &RequestHeader,
         limit: usize,
     ) -> (Box<Leader>, watch::Receiver<Outcome>, Instant) {
-        let Role::Leader(leader) = c.join(key, req, limit, WAIT) else {
+        let Role::Leader(leader) = c.join(key, limit, WAIT) else {
             panic!("the first leads");
         };
-        let Role::Follower(rx, deadline) = c.join(key, req, limit, WAIT) else {
+        let Role::Follower(rx, deadline) = c.join(key, limit, WAIT) else {
             panic!("the second follows");
         };
         (leader, rx, deadline)
@@ -340,20 +350,20 @@ mod tests {
     async fn followers_get_the_leaders_complete_answer_and_the_flight_ends() {
         let c = collapser();
         let req = request(&[]);
-        let (mut leader, rx, deadline) = pair(c, [1; 16], &req, 1024);
+        let (mut leader, rx, deadline) = pair(c, [1; 16], 1024);
         let waiting = tokio::spawn(async move {
             follow(rx, deadline)
                 .await
                 .filter(|a| a.serves(&request(&[])))
         });
-        leader.header(&response(&[("cache-control", "no-store")]));
+        leader.header(&response(&[("cache-control", "no-store")]), &req);
         leader.body(Some(&Bytes::from_static(b"hot ")), false);
         leader.body(Some(&Bytes::from_static(b"stuff")), true);
         let answer = waiting.await.unwrap().expect("shared");
         assert_eq!(&answer.body[..], b"hot stuff");
         assert_eq!(c.flights(), 0);
         // The next request leads a new flight.
-        assert!(matches!(c.join([1; 16], &req, 1024, WAIT), Role::Leader(_)));
+        assert!(matches!(c.join([1; 16], 1024, WAIT), Role::Leader(_)));
     }
 
     #[tokio::test]
@@ -377,13 +387,13 @@ mod tests {
         for (headers, body) in cases {
             let c = collapser();
             let leader_req = request(&[("accept-language", "en")]);
-            let (mut leader, rx, deadline) = pair(c, [2; 16], &leader_req, 8);
+            let (mut leader, rx, deadline) = pair(c, [2; 16], 8);
             let follower = request(&[("accept-language", "fr")]);
             let waiting =
                 tokio::spawn(
                     async move { follow(rx, deadline).await.filter(|a| a.serves(&follower)) },
                 );
-            leader.header(&response(headers));
+            leader.header(&response(headers), &leader_req);
             leader.body(Some(&Bytes::copy_from_slice(body)), true);
             assert!(waiting.await.unwrap().is_none(), "{headers:?}");
             assert_eq!(c.flights(), 0);
@@ -392,8 +402,8 @@ mod tests {
         for status in [500, 503] {
             let c = collapser();
             let req = request(&[]);
-            let (mut leader, rx, deadline) = pair(c, [2; 16], &req, 8);
-            leader.header(&ResponseHeader::build(status, None).unwrap());
+            let (mut leader, rx, deadline) = pair(c, [2; 16], 8);
+            leader.header(&ResponseHeader::build(status, None).unwrap(), &req);
             assert!(
                 follow(rx, deadline)
                     .await
@@ -409,8 +419,8 @@ mod tests {
     async fn a_leader_that_fails_releases_its_followers() {
         let c = collapser();
         let req = request(&[]);
-        let (mut leader, rx, deadline) = pair(c, [3; 16], &req, 1024);
-        leader.header(&response(&[]));
+        let (mut leader, rx, deadline) = pair(c, [3; 16], 1024);
+        leader.header(&response(&[]), &req);
         leader.body(Some(&Bytes::from_static(b"half")), false);
         drop(leader); // the upstream died mid-body
         assert!(follow(rx, deadline)
@@ -424,9 +434,9 @@ mod tests {
     async fn an_empty_answer_is_shared_with_its_header() {
         let c = collapser();
         let req = request(&[]);
-        let (mut leader, rx, deadline) = pair(c, [4; 16], &req, 1024);
+        let (mut leader, rx, deadline) = pair(c, [4; 16], 1024);
         // No body task follows a `Content-Length: 0` header.
-        leader.header(&response(&[("content-length", "0")]));
+        leader.header(&response(&[("content-length", "0")]), &req);
         let answer = follow(rx, deadline)
             .await
             .filter(|a| a.serves(&req))
@@ -439,26 +449,23 @@ mod tests {
     async fn a_flight_ends_when_its_header_finds_nobody_waiting_or_its_time_is_up() {
         let c = collapser();
         let req = request(&[]);
-        let Role::Leader(mut alone) = c.join([5; 16], &req, 1024, WAIT) else {
+        let Role::Leader(mut alone) = c.join([5; 16], 1024, WAIT) else {
             panic!("leads");
         };
-        alone.header(&response(&[]));
+        alone.header(&response(&[]), &req);
         assert_eq!(c.flights(), 0, "nothing is copied for nobody");
         // A flight past its time is not joined: the next request leads a new one, which
         // the old leader's end leaves in place.
-        let Role::Leader(mut old) = c.join([6; 16], &req, 1024, Duration::ZERO) else {
+        let Role::Leader(mut old) = c.join([6; 16], 1024, Duration::ZERO) else {
             panic!("leads");
         };
-        let Role::Leader(_new) = c.join([6; 16], &req, 1024, WAIT) else {
+        let Role::Leader(_new) = c.join([6; 16], 1024, WAIT) else {
             panic!("a new flight");
         };
-        old.header(&response(&[]));
+        old.header(&response(&[]), &req);
         drop(old);
         assert_eq!(c.flights(), 1);
-        assert!(matches!(
-            c.join([6; 16], &req, 1024, WAIT),
-            Role::Follower(..)
-        ));
+        assert!(matches!(c.join([6; 16], 1024, WAIT), Role::Follower(..)));
     }
 
     #[test]

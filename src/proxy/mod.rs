@@ -139,7 +139,7 @@ impl EdgeProxy {
             self.cache.settings.max_object,
             self.cache.settings.lock_timeout,
         );
-        let (flight, deadline) = match self.cache.collapser.join(key, req, limit, wait) {
+        let (flight, deadline) = match self.cache.collapser.join(key, limit, wait) {
             Role::Leader(leader) => {
                 ctx.flight = Some(leader);
                 return Collapsed::Fetch;
@@ -749,7 +749,7 @@ impl ProxyHttp for EdgeProxy {
             // about the 5xx, which says yes.
             Next::PassOn | Next::ServeStale => {
                 if let Some(leader) = &mut ctx.flight {
-                    leader.header(response);
+                    leader.header(response, session.req_header());
                 }
                 Ok(())
             }
