@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use pingora::cache::eviction::lru::Manager;
 use pingora::cache::eviction::{CacheEntryKeyRef, EvictionManager};
+use pingora::cache::key::CompactCacheKey;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora::cache::predictor::Predictor;
 
@@ -118,17 +119,16 @@ impl Cache {
 
     /// Removes the stored responses of `url` (every query and variant of it); how many.
     pub fn purge_url(&self, url: &str) -> usize {
-        let removed = self.storage.purge_url(url);
-        for key in &removed {
-            self.eviction
-                .remove(CacheEntryKeyRef::from_entry_id(key, None));
-        }
-        removed.len()
+        self.forget(self.storage.purge_url(url))
     }
 
     /// Removes every stored response whose URL `matches` (all its variants); how many.
     pub fn purge_where(&self, matches: impl Fn(&str) -> bool) -> usize {
-        let removed = self.storage.purge_where(matches);
+        self.forget(self.storage.purge_where(matches))
+    }
+
+    /// Drops the `removed` entries from the eviction manager too; how many.
+    fn forget(&self, removed: Vec<CompactCacheKey>) -> usize {
         for key in &removed {
             self.eviction
                 .remove(CacheEntryKeyRef::from_entry_id(key, None));

@@ -137,9 +137,12 @@ impl CachePolicy {
         if surrogate.no_store {
             return RespCacheable::Uncacheable(NoCacheReason::Custom("surrogate-control"));
         }
+        let control = CacheControl::from_resp_headers(resp);
         let verdict = match surrogate.max_age {
-            Some(seconds) => Self::storable_for_surrogate(resp, authorization, seconds),
-            None => self.storable(resp, authorization),
+            Some(seconds) => {
+                Self::storable_for_surrogate(resp, control.as_ref(), authorization, seconds)
+            }
+            None => self.storable(resp, control.as_ref(), authorization),
         };
         let RespCacheable::Cacheable(meta) = verdict else {
             return verdict;
@@ -154,7 +157,6 @@ impl CachePolicy {
         let age = age(resp).unwrap_or(lifetime);
         // For `Expires`, the lifetime is `Expires - Date` (the origin's clock against
         // itself, not the edge's).
-        let control = CacheControl::from_resp_headers(resp);
         let by_control = surrogate.max_age.is_some()
             || control
                 .as_ref()
@@ -209,7 +211,7 @@ impl CachePolicy {
     }
 
     /// What no freshness can make storable.
-    fn refused(resp: &ResponseHeader) -> Option<NoCacheReason> {
+    fn refused(resp: &ResponseHeader, control: Option<&CacheControl>) -> Option<NoCacheReason> {
         let status = resp.status.as_u16();
         let reason = if status == 206 {
             // A part of the body: storing it would answer a whole GET with a part.
@@ -219,7 +221,7 @@ impl CachePolicy {
         } else if vary_names(resp).any(|name| name == "*") {
             "vary-star"
         } else if !UNDERSTOOD.contains(&status)
-            && CacheControl::from_resp_headers(resp).is_some_and(|cc| cc.has_key("must-understand"))
+            && control.is_some_and(|cc| cc.has_key("must-understand"))
         {
             // RFC 9111 §5.2.2.3: only for a status whose caching rules the cache knows.
             "must-understand"
@@ -235,27 +237,24 @@ impl CachePolicy {
     /// needs the origin's word in `Cache-Control`.
     fn storable_for_surrogate(
         resp: &ResponseHeader,
+        control: Option<&CacheControl>,
         authorization: bool,
         seconds: u32,
     ) -> RespCacheable {
-        if let Some(reason) = Self::refused(resp) {
+        if let Some(reason) = Self::refused(resp, control) {
             return RespCacheable::Uncacheable(reason);
         }
-        let control = CacheControl::from_resp_headers(resp);
-        let personal = control
-            .as_ref()
-            .is_some_and(|cc| cc.private() && cc.private_field_names().is_none());
+        let personal = control.is_some_and(|cc| cc.private() && cc.private_field_names().is_none());
         if personal {
             return RespCacheable::Uncacheable(NoCacheReason::Custom("private"));
         }
-        let shared = control
-            .as_ref()
-            .is_some_and(|cc| cc.public() || cc.has_key("s-maxage") || cc.must_revalidate());
+        let shared =
+            control.is_some_and(|cc| cc.public() || cc.has_key("s-maxage") || cc.must_revalidate());
         if authorization && !shared {
             return RespCacheable::Uncacheable(NoCacheReason::Custom("authorization"));
         }
         let mut stored = resp.clone();
-        if let Some(cc) = &control {
+        if let Some(cc) = control {
             cc.strip_private_headers(&mut stored);
         }
         let now = std::time::SystemTime::now();
@@ -266,21 +265,23 @@ impl CachePolicy {
     }
 
     /// Whether `resp` may be stored at all, and its freshness as RFC 9111 states it.
-    fn storable(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
-        if let Some(reason) = Self::refused(resp) {
+    fn storable(
+        &self,
+        resp: &ResponseHeader,
+        control: Option<&CacheControl>,
+        authorization: bool,
+    ) -> RespCacheable {
+        if let Some(reason) = Self::refused(resp, control) {
             return RespCacheable::Uncacheable(reason);
         }
-        let control = CacheControl::from_resp_headers(resp);
-        let stated = control
-            .as_ref()
-            .is_some_and(|cc| cc.fresh_duration().is_some())
+        let stated = control.is_some_and(|cc| cc.fresh_duration().is_some())
             || calculate_expires_header_time(resp).is_some();
         let Some(ttl) = self.default_ttl.filter(|_| !stated) else {
-            return resp_cacheable(control.as_ref(), resp.clone(), authorization, &NO_DEFAULTS);
+            return resp_cacheable(control, resp.clone(), authorization, &NO_DEFAULTS);
         };
         // The answer states no freshness: RFC 9111 still decides whether it may be stored
         // (any placeholder freshness will do for that), then the route's default applies.
-        match resp_cacheable(control.as_ref(), resp.clone(), authorization, &PLACEHOLDER) {
+        match resp_cacheable(control, resp.clone(), authorization, &PLACEHOLDER) {
             RespCacheable::Cacheable(meta) => {
                 let created = meta.created();
                 RespCacheable::Cacheable(CacheMeta::new(
