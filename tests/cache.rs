@@ -97,9 +97,17 @@ async fn serve(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
 /// A proxy caching everything under `/c` of the origin but DELETEs (route `writes`),
 /// nothing elsewhere; 127.0.0.1 is a trusted proxy.
 async fn caching_edge(origin: SocketAddr) -> Edge {
+    edge_with(&format!(
+        "server: {{ trusted_proxies: [127.0.0.1] }}\ncache: {{ memory: 16MiB, max_object: 1MiB }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: writes, match: {{ path_prefix: /c, methods: [DELETE] }}, pool: origin }}\n  - {{ name: cached, match: {{ path_prefix: /c }}, pool: origin, cache: {{}} }}\n  - {{ name: plain, pool: origin }}\n"
+    ))
+    .await
+}
+
+/// A proxy with a public and an admin listener on free ports, and `rest` of its config.
+async fn edge_with(rest: &str) -> Edge {
     let p = free_ports(2);
     let yaml = format!(
-        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\nserver: {{ trusted_proxies: [127.0.0.1] }}\ncache: {{ memory: 16MiB, max_object: 1MiB }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: writes, match: {{ path_prefix: /c, methods: [DELETE] }}, pool: origin }}\n  - {{ name: cached, match: {{ path_prefix: /c }}, pool: origin, cache: {{}} }}\n  - {{ name: plain, pool: origin }}\n",
+        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\n{rest}",
         p[0], p[1]
     );
     Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await
@@ -344,6 +352,9 @@ async fn changes_and_the_admin_api_purge_what_is_stored() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // A prefix that is not a URL could only match nothing: refused, not "purged 0".
+    let bare = purge(serde_json::json!({ "prefix": "/c/" })).await.unwrap();
+    assert_eq!(bare.status(), 400);
 
     // Purging is not a client's to do.
     let refused = http
@@ -675,14 +686,12 @@ async fn identical_gets_share_one_fetch_when_the_route_coalesces_what_is_not_sto
         .route("/hot", get(handler.clone()))
         .route("/plain", get(handler));
     let (origin, _) = serve(app).await;
-    let p = free_ports(2);
-    let yaml = format!(
-        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\ncache: {{ lock_timeout: 60s }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: hot, match: {{ path_prefix: /hot }}, pool: origin, cache: {{ coalesce_uncacheable: true }} }}\n  - {{ name: plain, match: {{ path_prefix: /plain }}, pool: origin, cache: {{}} }}\n",
-        p[0], p[1]
-    );
     // (A flight lasts `lock_timeout`: long enough here for a busy machine to line up the
     // burst behind its gated leader.)
-    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let edge = edge_with(&format!(
+        "cache: {{ lock_timeout: 60s }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}] }} }}\nroutes:\n  - {{ name: hot, match: {{ path_prefix: /hot }}, pool: origin, cache: {{ coalesce_uncacheable: true }} }}\n  - {{ name: plain, match: {{ path_prefix: /plain }}, pool: origin, cache: {{}} }}\n"
+    ))
+    .await;
     let http = client();
     // Once each: the cache learns that neither answer is stored (hit-for-pass).
     for path in ["/hot", "/plain"] {
@@ -820,12 +829,10 @@ async fn a_stale_entry_answers_when_the_upstream_outlasts_the_total_deadline() {
         }),
     );
     let (origin, _) = serve(app).await;
-    let p = free_ports(2);
-    let yaml = format!(
-        "listeners: [{{ name: public, address: 127.0.0.1:{} }}]\nadmin: {{ address: 127.0.0.1:{} }}\npools: {{ origin: {{ backends: [{{ address: {origin} }}], timeouts: {{ total: 300ms }} }} }}\nroutes: [{{ name: cached, pool: origin, cache: {{}} }}]\n",
-        p[0], p[1]
-    );
-    let edge = Edge::start_ready(&yaml, addr(p[0]), addr(p[1])).await;
+    let edge = edge_with(&format!(
+        "pools: {{ origin: {{ backends: [{{ address: {origin} }}], timeouts: {{ total: 300ms }} }} }}\nroutes: [{{ name: cached, pool: origin, cache: {{}} }}]\n"
+    ))
+    .await;
     let http = client();
     let first = http.get(edge.url("/c/slow")).send().await.unwrap();
     assert_eq!(

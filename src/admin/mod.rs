@@ -198,30 +198,29 @@ async fn purge(State(state): State<AdminState>, body: axum::body::Bytes) -> Resp
         Ok(purge) => purge,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
     };
-    let purged = match (purge.url, purge.prefix) {
-        (Some(url), None) => match crate::cache::policy::purge_url(&url) {
-            Some(url) => state.cache.purge_url(&url),
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "`url` must be scheme://host[:port]/path",
-                )
-            }
-        },
-        (None, Some(prefix)) if !prefix.is_empty() => {
-            let prefix = crate::cache::policy::purge_url(&prefix).unwrap_or(prefix);
-            state
-                .cache
-                .purge_where(|stored| stored.starts_with(&prefix))
-        }
+    let (target, whole) = match (purge.url, purge.prefix) {
+        (Some(url), None) => (url, true),
+        (None, Some(prefix)) => (prefix, false),
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                "give either `url` or a non-empty `prefix`",
+                "give either `url` or `prefix`",
             )
         }
+    };
+    // Stored URLs are `scheme://host/path` (scheme and host in lower case): a target in
+    // another form could only ever match nothing.
+    let Some(target) = crate::cache::policy::purge_url(&target) else {
+        let which = if whole { "url" } else { "prefix" };
+        let message = format!("`{which}` must be scheme://host[:port]/path");
+        return error(StatusCode::BAD_REQUEST, "bad_request", message);
+    };
+    let purged = match whole {
+        true => state.cache.purge_url(&target),
+        false => state
+            .cache
+            .purge_where(|stored| stored.starts_with(&target)),
     };
     tracing::info!(purged, "cache purged by the admin API");
     Json(json!({ "purged": purged })).into_response()
