@@ -107,13 +107,14 @@ impl CachePolicy {
         forwarded_host: Option<&str>,
         req: &RequestHeader,
     ) -> CacheKey {
+        let host = host.to_ascii_lowercase();
         let mut primary = Vec::with_capacity(128);
         let mut part = |bytes: &[u8]| {
             primary.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
             primary.extend_from_slice(bytes);
         };
         part(scheme.as_bytes());
-        part(host.to_ascii_lowercase().as_bytes());
+        part(host.as_bytes());
         part(&present(
             forwarded_host.map(|h| h.to_ascii_lowercase().into_bytes()),
         ));
@@ -124,7 +125,7 @@ impl CachePolicy {
             part(&present(joined(req, name.as_str())));
         }
         // The URL, readable: purges by URL and by prefix compare against it.
-        let url = format!("{scheme}://{}{}", host.to_ascii_lowercase(), req.uri.path());
+        let url = format!("{scheme}://{host}{}", req.uri.path());
         let mut key = CacheKey::new(url, "");
         key.set_primary_bin_override(pingora::cache::key::hash_key(&primary));
         key
