@@ -2601,7 +2601,7 @@ impl ServeFromCache {
 /// each field the `304` carries replaces the stored field of that name, except those the
 /// stored body depends on (its length, coding, range and validator), `Vary` (the stored
 /// variant stays the one asked for) and hop-by-hop fields.
-pub fn freshen_stored_header(stored: &ResponseHeader, not_modified: &ResponseHeader) -> ResponseHeader {
+fn freshen_stored_header(stored: &ResponseHeader, not_modified: &ResponseHeader) -> ResponseHeader {
     const KEPT: [&str; 13] = [
         "content-length",
         "content-encoding",
